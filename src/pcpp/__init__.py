@@ -1,0 +1,45 @@
+"""pcpp: Partially Conditioned Patch Parallelism for diffusers UNets.
+
+One image, several GPUs: each rank computes one horizontal strip of the latent with the whole UNet, using its
+neighbours' activations from the previous step where a layer reads across the strip boundary.
+
+Example:
+    >>> import pcpp  # doctest: +SKIP
+    >>> unet = pcpp.convert(pipe.unet, partial=0.3, warmup_steps=4)  # doctest: +SKIP
+"""
+
+import logging
+
+from . import comm, layers
+from ._version import __version__
+from .api import comm_stats, configure, convert, get_context, is_converted, reset, revert
+from .config import Conditioning, PCPPConfig, Phase
+from .context import PatchContext
+from .errors import ConversionError, PCPPError, PeerTimeoutError, SplitError, UnsupportedModuleError
+from .stats import CommStats, LayerKind
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "CommStats",
+    "Conditioning",
+    "ConversionError",
+    "LayerKind",
+    "PCPPConfig",
+    "PCPPError",
+    "PatchContext",
+    "PeerTimeoutError",
+    "Phase",
+    "SplitError",
+    "UnsupportedModuleError",
+    "__version__",
+    "comm",
+    "comm_stats",
+    "configure",
+    "convert",
+    "get_context",
+    "is_converted",
+    "layers",
+    "reset",
+    "revert",
+]

@@ -1,0 +1,152 @@
+"""A communicator over a ``torch.distributed`` process group (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import ConversionError, PeerTimeoutError
+from .base import Handle
+
+__all__ = ["TorchCommunicator"]
+
+logger = logging.getLogger(__name__)
+
+# ``all_gather_into_tensor`` was renamed; take whichever this torch has (same signature).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+# Tags of one exchange: a layer's tag times this, plus the direction. Gloo matches a receive by (peer, tag).
+_TAG_STRIDE = 2
+
+
+class _Works:
+    """Handle over the ``torch.distributed`` works of one operation."""
+
+    __slots__ = ("_blocking_timeout", "_what", "_works")
+
+    def __init__(self, works: Sequence[dist.Work], what: str, blocking_timeout: timedelta | None) -> None:
+        self._works = works
+        self._what = what
+        self._blocking_timeout = blocking_timeout
+
+    def wait(self) -> None:
+        for work in self._works:
+            if self._blocking_timeout is None:
+                # NCCL: enqueue the wait on the current stream (no host block); the group's watchdog bounds it.
+                work.wait()
+                continue
+            try:
+                work.wait(self._blocking_timeout)
+            except RuntimeError as err:
+                raise PeerTimeoutError(
+                    f"{self._what}: a peer did not answer within {self._blocking_timeout.total_seconds():g} s "
+                    f"({err}). Another rank probably crashed, hangs, or made a different sequence of UNet calls "
+                    "(every rank must call the converted UNet the same number of times with the same shapes). "
+                    "Raise the limit with pcpp.configure(unet, timeout=...) if the peers are just slow."
+                ) from err
+        self._works = ()
+
+
+class TorchCommunicator:
+    """Patch communicator over a ``torch.distributed`` process group.
+
+    Neighbour exchanges are point-to-point (``batch_isend_irecv``); gathers use ``all_gather_into_tensor``. All
+    operations are posted asynchronously; on NCCL they run on NCCL's own stream and a wait only makes the current
+    stream wait, so communication overlaps with compute.
+
+    Args:
+        group: the process group of the ranks that split one image, ordered top strip first. ``None`` means the
+            default (world) group, which must already be initialised.
+        timeout: the longest a host-side wait (gloo and other CPU backends) may take. NCCL waits are bounded by
+            the timeout given to ``init_process_group``.
+
+    Raises:
+        ConversionError: ``torch.distributed`` is not initialised, or this process is not in ``group``.
+
+    Example:
+        >>> import torch.distributed as dist  # doctest: +SKIP
+        >>> dist.init_process_group("gloo")  # doctest: +SKIP
+        >>> comm = TorchCommunicator()  # doctest: +SKIP
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: timedelta = timedelta(minutes=5)) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConversionError(
+                "torch.distributed is not initialised: call torch.distributed.init_process_group(...) first "
+                "(e.g. under torchrun), or pass comm=pcpp.comm.LocalCommunicator() for a single process."
+            )
+        self._group = group if group is not None else dist.group.WORLD
+        rank = dist.get_rank(self._group)
+        if rank < 0:
+            raise ConversionError(
+                f"this process (global rank {dist.get_rank()}) is not a member of the process group it was given; "
+                "pass the group that contains it (e.g. mesh['patch'] of this rank's mesh)."
+            )
+        self._rank = rank
+        self._world_size = dist.get_world_size(self._group)
+        self._global = [dist.get_global_rank(self._group, r) for r in range(self._world_size)]
+        backend = str(dist.get_backend(self._group)).lower()
+        self._blocking_timeout: timedelta | None = None if "nccl" in backend else timeout
+        self.timeout = timeout
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        """The underlying process group."""
+        return self._group
+
+    @property
+    def rank(self) -> int:
+        """This process's rank within the group (0 is the top strip)."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in the group."""
+        return self._world_size
+
+    def with_timeout(self, timeout: timedelta) -> TorchCommunicator:
+        """Set the host-side wait limit (CPU backends) and return ``self``."""
+        self.timeout = timeout
+        if self._blocking_timeout is not None:
+            self._blocking_timeout = timeout
+        return self
+
+    def exchange(
+        self,
+        *,
+        send_up: Tensor | None,
+        send_down: Tensor | None,
+        recv_up: Tensor | None,
+        recv_down: Tensor | None,
+        tag: int,
+        what: str,
+    ) -> Handle:
+        """Post sends to and receives from the neighbours; see :class:`PatchCommunicator`."""
+        up, down = self._rank - 1, self._rank + 1
+        # A message travelling down (to rank+1) carries tag*2, one travelling up carries tag*2+1.
+        t_down, t_up = tag * _TAG_STRIDE, tag * _TAG_STRIDE + 1
+        ops: list[dist.P2POp] = []
+        if recv_up is not None:
+            ops.append(dist.P2POp(dist.irecv, recv_up, self._global[up], self._group, t_down))
+        if recv_down is not None:
+            ops.append(dist.P2POp(dist.irecv, recv_down, self._global[down], self._group, t_up))
+        if send_up is not None:
+            ops.append(dist.P2POp(dist.isend, send_up, self._global[up], self._group, t_up))
+        if send_down is not None:
+            ops.append(dist.P2POp(dist.isend, send_down, self._global[down], self._group, t_down))
+        if not ops:
+            return _Works((), what, self._blocking_timeout)
+        works = dist.batch_isend_irecv(ops)
+        return _Works(works, what, self._blocking_timeout)
+
+    def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
+        """Post an all-gather into ``output``; see :class:`PatchCommunicator`."""
+        work = _all_gather_single(output, tensor.contiguous(), group=self._group, async_op=True)
+        return _Works((work,) if work is not None else (), what, self._blocking_timeout)
+
+    def __repr__(self) -> str:
+        return f"TorchCommunicator(rank={self._rank}, world_size={self._world_size}, ranks={self._global})"

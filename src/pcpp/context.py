@@ -1,0 +1,191 @@
+"""The shared step state of one converted UNet: configuration, image and step counters, strip geometry."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .comm.base import PatchCommunicator
+from .config import PCPPConfig, Phase
+from .errors import PCPPError
+from .functional import partition_rows
+from .stats import CommStats
+
+__all__ = ["Geometry", "PatchContext", "StatefulLayer"]
+
+logger = logging.getLogger(__name__)
+
+
+class StatefulLayer(Protocol):
+    """A layer that keeps previous-step activations and must drop them when a new image starts."""
+
+    def reset_state(self) -> None:
+        """Wait for anything in flight and forget previous-step activations."""
+
+
+@dataclass
+class Geometry:
+    """How one latent of ``height x width`` is cut into strips, at every downsampling level.
+
+    Attributes:
+        height: latent height at the UNet input.
+        width: latent width at the UNet input.
+        rows: rows of each strip at the input level, top to bottom.
+        levels: number of stride-2 stages; strip heights halve at each.
+        widths: activation width seen at each level (filled in as convolutions run).
+    """
+
+    height: int
+    width: int
+    rows: tuple[int, ...]
+    levels: int
+    widths: dict[int, int] = field(default_factory=dict)
+
+    def level_of(self, rank: int, local_height: int) -> int:
+        """The level at which ``rank``'s strip is ``local_height`` rows high.
+
+        Raises:
+            PCPPError: no level matches (the activation is not one of the UNet's resolutions).
+        """
+        base = self.rows[rank]
+        for level in range(self.levels + 1):
+            if base >> level == local_height and (base >> level) << level == base:
+                return level
+        raise PCPPError(
+            f"an activation of height {local_height} on rank {rank} matches no level of the strip ({base} rows at "
+            f"the input, halving {self.levels} times); a module changed the height in a way pcpp does not model."
+        )
+
+    def note_width(self, rank: int, local_height: int, width: int) -> None:
+        """Remember the activation width of the level at which ``rank``'s strip is ``local_height`` rows high."""
+        base = self.rows[rank]
+        for level in range(self.levels + 1):
+            if base >> level == local_height:
+                self.widths.setdefault(level, width)
+                return
+
+    def strip_rows(self, level: int) -> tuple[int, ...]:
+        """Rows of every strip at ``level``."""
+        return tuple(r >> level for r in self.rows)
+
+    def strip_start(self, rank: int, level: int) -> int:
+        """First row of ``rank``'s strip at ``level``."""
+        return sum(self.rows[:rank]) >> level
+
+    def level_height(self, level: int) -> int:
+        """Global height at ``level``."""
+        return self.height >> level
+
+    def level_of_tokens(self, rank: int, tokens: int) -> tuple[int, int]:
+        """The ``(level, width)`` at which ``rank``'s strip has ``tokens`` row-major tokens.
+
+        Raises:
+            PCPPError: no level's strip area matches.
+        """
+        for level, width in sorted(self.widths.items()):
+            if (self.rows[rank] >> level) * width == tokens:
+                return level, width
+        raise PCPPError(
+            f"self-attention over {tokens} tokens on rank {rank} matches no known resolution of its strip "
+            f"(levels seen: {sorted(self.widths.items())}); pass (B, C, H, W) maps, or run a converted conv at "
+            "that resolution first."
+        )
+
+
+class PatchContext:
+    """State shared by every converted layer of one UNet.
+
+    One context per converted UNet; layers read ``phase``, ``step`` and ``geometry`` from it and never keep
+    counters of their own. The UNet-level hook calls :meth:`begin_step` before and :meth:`end_step` after each
+    forward.
+
+    Args:
+        config: the validated settings.
+        patch: communicator of the strips of one image.
+        unit: every strip's height is a multiple of this (``2 ** levels``).
+        levels: number of stride-2 stages of the UNet.
+    """
+
+    def __init__(self, config: PCPPConfig, patch: PatchCommunicator, *, unit: int, levels: int) -> None:
+        self.config = config
+        self.patch = patch
+        self.unit = unit
+        self.levels = levels
+        self.image = -1
+        self.step = 0
+        self.geometry: Geometry | None = None
+        self.stats = CommStats()
+        self._layers: list[StatefulLayer] = []
+        self._last_timestep: float | None = None
+        self._pending_reset = True
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of the current step."""
+        return self.config.phase_of(self.step)
+
+    def register(self, layer: StatefulLayer) -> int:
+        """Make ``layer`` forget its state whenever a new image starts.
+
+        Returns:
+            The layer's index, unique within this context, used as its message tag.
+        """
+        self._layers.append(layer)
+        return len(self._layers)
+
+    def request_reset(self) -> None:
+        """Make the next call start a new image (all synchronous warmup again, no state from before)."""
+        self._pending_reset = True
+
+    def _start_image(self) -> None:
+        for layer in self._layers:
+            layer.reset_state()
+        self.image += 1
+        self.step = 0
+        self._pending_reset = False
+        logger.debug("pcpp: image %d starts", self.image)
+
+    def geometry_for(self, height: int, width: int) -> Geometry:
+        """Return the geometry of a ``height x width`` latent, building it (and starting a new image) if new.
+
+        Raises:
+            SplitError: the height cannot be split into one strip per rank.
+        """
+        geo = self.geometry
+        if geo is not None and geo.height == height and geo.width == width:
+            return geo
+        rows = partition_rows(height, self.patch.world_size, self.unit)
+        self.geometry = Geometry(height=height, width=width, rows=rows, levels=self.levels, widths={0: width})
+        self._pending_reset = True
+        logger.debug("pcpp: latent %dx%d split into strips of %s rows", height, width, rows)
+        return self.geometry
+
+    def begin_step(self, height: int, width: int, timestep: float | None) -> None:
+        """Prepare the state for one UNet call on a ``height x width`` latent at ``timestep``.
+
+        Raises:
+            SplitError: the latent cannot be split.
+        """
+        self.geometry_for(height, width)
+        if (
+            self.config.detect_new_image
+            and timestep is not None
+            and self._last_timestep is not None
+            and timestep > self._last_timestep
+        ):
+            self._pending_reset = True
+        self._last_timestep = timestep
+        if self._pending_reset:
+            self._start_image()
+        self.stats.begin_step(image=self.image, step=self.step, phase=self.phase.value)
+
+    def end_step(self) -> None:
+        """Advance to the next step of the current image."""
+        self.step += 1
+
+    def drain(self) -> None:
+        """Wait for every operation in flight and drop all previous-step state."""
+        for layer in self._layers:
+            layer.reset_state()
+        self._pending_reset = True

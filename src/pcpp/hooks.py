@@ -1,0 +1,164 @@
+"""UNet-level hooks: open each step, split the CFG batch, slice spatial side inputs, gather the output."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .comm.base import PatchCommunicator
+from .comm.groups import ParallelGroups
+from .context import Geometry, PatchContext
+from .errors import PCPPError
+from .stats import LayerKind
+
+__all__ = ["UNetHooks"]
+
+# Inputs laid out like the latent (B, C, h, w) at some UNet level: ControlNet and T2I-Adapter residuals. Each
+# rank keeps its own rows of them, as of the sample itself (which the entry conv slices).
+_SPATIAL_INPUTS = frozenset(
+    {"down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"}
+)
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    if isinstance(timestep, Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+class UNetHooks:
+    """The forward pre-hook and post-hook that make a converted UNet behave like the original on every rank.
+
+    Args:
+        unet: the converted UNet.
+        context: its shared step state.
+        groups: the patch and CFG communicators.
+    """
+
+    def __init__(self, unet: nn.Module, context: PatchContext, groups: ParallelGroups) -> None:
+        self.context = context
+        self.groups = groups
+        self._signature = inspect.signature(unet.forward)
+        self._handles = [
+            unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+            unet.register_forward_hook(self._post, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        """Detach both hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[()], dict[str, Any]]:
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for name, param in self._signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
+        sample = arguments.get("sample")
+        if not isinstance(sample, Tensor) or sample.ndim != 4:
+            raise PCPPError(
+                f"a converted UNet expects `sample` as a (B, C, H, W) tensor, got {type(sample).__name__}"
+                f"{tuple(sample.shape) if isinstance(sample, Tensor) else ''}."
+            )
+        ctx = self.context
+        ctx.begin_step(sample.shape[2], sample.shape[3], _timestep_value(arguments.get("timestep")))
+        geo = ctx.geometry
+        assert geo is not None
+        if self.groups.cfg_split:
+            arguments = self._split_cfg(arguments, sample.shape[0])
+        if ctx.patch.world_size > 1:
+            for name in _SPATIAL_INPUTS & arguments.keys():
+                arguments[name] = _map_tensors(arguments[name], lambda t: _own_rows(t, geo, ctx.patch.rank))
+        return (), arguments
+
+    def _split_cfg(self, arguments: dict[str, Any], batch: int) -> dict[str, Any]:
+        cfg = self.groups.cfg
+        assert cfg is not None
+        if batch % 2:
+            raise PCPPError(
+                f"the CFG split needs an even batch ([unconditional, conditional] halves), got batch {batch}; "
+                "run with guidance (batch 2k), or convert with a mesh whose 'cfg' dimension has size 1."
+            )
+        half = batch // 2
+        lo = cfg.rank * half
+
+        def take(t: Tensor) -> Tensor:
+            return t[lo : lo + half] if t.ndim > 0 and t.shape[0] == batch else t
+
+        return {k: _map_tensors(v, take) for k, v in arguments.items()}
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        ctx = self.context
+        try:
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            full = sample
+            if ctx.patch.world_size > 1:
+                geo = ctx.geometry
+                assert geo is not None
+                full = _gather_rows(full, ctx.patch, geo, ctx)
+            if self.groups.cfg_split:
+                cfg = self.groups.cfg
+                assert cfg is not None
+                full = _gather_batch(full, cfg, ctx)
+        finally:
+            ctx.end_step()
+        if isinstance(output, tuple):
+            return (full, *output[1:])
+        output.sample = full
+        if isinstance(output, dict) and "sample" in output:
+            output["sample"] = full
+        return output
+
+
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def _own_rows(t: Tensor, geo: Geometry, rank: int) -> Tensor:
+    if t.ndim != 4:
+        return t
+    for level in range(geo.levels + 1):
+        if t.shape[2] == geo.level_height(level):
+            start = geo.strip_start(rank, level)
+            return t[:, :, start : start + geo.strip_rows(level)[rank]]
+    raise PCPPError(
+        f"a spatial side input of height {t.shape[2]} matches no level of the {geo.height}-row latent; "
+        "residuals must have the heights of the UNet's own activations."
+    )
+
+
+def _gather_rows(strip: Tensor, comm: PatchCommunicator, geo: Geometry, ctx: PatchContext) -> Tensor:
+    rows = geo.rows
+    tallest = max(rows)
+    padded = F.pad(strip, (0, 0, 0, tallest - strip.shape[2])) if strip.shape[2] < tallest else strip
+    out = torch.empty((comm.world_size * padded.shape[0], *padded.shape[1:]), dtype=strip.dtype, device=strip.device)
+    nbytes = padded.numel() * padded.element_size()
+    ctx.stats.record(LayerKind.OUTPUT, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1))
+    comm.all_gather(out, padded.contiguous(), what=f"output gather over the patch group (step {ctx.step})").wait()
+    batch = strip.shape[0]
+    return torch.cat([out[j * batch : (j + 1) * batch, :, : rows[j]] for j in range(comm.world_size)], dim=2)
+
+
+def _gather_batch(half: Tensor, comm: PatchCommunicator, ctx: PatchContext) -> Tensor:
+    out = torch.empty((comm.world_size * half.shape[0], *half.shape[1:]), dtype=half.dtype, device=half.device)
+    nbytes = half.numel() * half.element_size()
+    ctx.stats.record(LayerKind.OUTPUT, sent=nbytes, received=nbytes)
+    comm.all_gather(out, half.contiguous(), what=f"output gather over the CFG group (step {ctx.step})").wait()
+    return out

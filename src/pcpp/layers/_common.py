@@ -1,0 +1,107 @@
+"""Helpers shared by the parallel layers: parameter-sharing construction and previous-step buffers."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from ..comm.base import Handle
+from ..context import PatchContext
+from ..errors import PCPPError
+
+__all__ = ["StepBuffers", "require_geometry", "share_module"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def share_module(module: nn.Module, cls: type[M]) -> M:
+    """A new ``cls`` instance that shares ``module``'s parameters, buffers, submodules and hooks.
+
+    The new object has its own copies of the registries (so replacing one of its children does not touch the
+    original), but every ``Parameter``, buffer and child module is the same object: state-dict keys, weight
+    sharing and in-place weight updates carry over, and ``module`` stays intact for :func:`pcpp.revert`.
+
+    Args:
+        module: the module to replace.
+        cls: a subclass of ``type(module)``'s base that adds parallel behaviour.
+
+    Returns:
+        The new module.
+    """
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for registry in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if registry in state:
+            state[registry] = type(state[registry])(state[registry])
+    new.__dict__.update(state)
+    return new
+
+
+def require_geometry(context: PatchContext, what: str) -> None:
+    """Raise unless a UNet-level step is open (the geometry of the current latent is known).
+
+    Raises:
+        PCPPError: the layer was called outside a converted UNet's forward and no step was begun.
+    """
+    if context.geometry is None:
+        raise PCPPError(
+            f"{what} ran before its context knew the latent's size: call it inside the converted UNet, or call "
+            "context.begin_step(height, width, timestep) first when using the layer on its own."
+        )
+
+
+class StepBuffers:
+    """Previous-step activations of one layer, the step they belong to, and the exchange in flight.
+
+    Buffers are allocated once per shape and reused, so steady-state steps allocate nothing for communication.
+    """
+
+    __slots__ = ("_tensors", "pending", "tag")
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, Tensor] = {}
+        self.pending: Handle | None = None
+        self.tag: tuple[int, int] | None = None
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A persistent buffer named ``name`` of ``shape`` with ``like``'s dtype and device."""
+        buf = self._tensors.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._tensors[name] = buf
+        return buf
+
+    def zeros(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A persistent all-zero buffer (for image-edge padding)."""
+        buf = self._tensors.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self._tensors[name] = buf
+        return buf
+
+    def wait(self) -> None:
+        """Wait for the exchange in flight, if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.wait()
+
+    def require_previous_step(self, context: PatchContext, what: str) -> None:
+        """Check that the stored activations are exactly one step old (same image, previous step).
+
+        Raises:
+            PCPPError: they are older, newer, or from another image; this is a bug, never a silent staleness.
+        """
+        expected = (context.image, context.step - 1)
+        if self.tag != expected:
+            raise PCPPError(
+                f"{what}: previous-step activations are from (image, step)={self.tag}, expected {expected}. Every "
+                "rank must call the converted UNet the same number of times; call pcpp.reset(unet) between images."
+            )
+
+    def reset(self) -> None:
+        """Wait for anything in flight, then forget the stored activations."""
+        self.wait()
+        self._tensors.clear()
+        self.tag = None

@@ -1,0 +1,292 @@
+"""PartialPatchAttention: self-attention of one strip over its own tokens plus some of its neighbours'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import Tensor
+
+from ..config import Conditioning, Phase
+from ..context import Geometry, PatchContext
+from ..errors import ConversionError, PCPPError
+from ..functional import partial_rows
+from ..stats import LayerKind
+from ._common import StepBuffers, require_geometry, share_module
+
+__all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention"]
+
+SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0)
+"""Processors whose maths :class:`PartialPatchAttention` reproduces (plain softmax attention)."""
+
+
+class PartialPatchAttention(Attention):
+    """A diffusers self-``Attention`` over one horizontal strip of the image.
+
+    Queries are the strip's own tokens. Keys and values (projected, so each rank projects only its own tokens)
+    depend on the step's phase and the context's :class:`pcpp.Conditioning`:
+
+    * synchronous steps: every strip's keys and values of this step, in image order (exact);
+    * asynchronous, ``PARTIAL``: the own strip (fresh) plus ``ceil(partial * rows)`` rows of each adjacent
+      strip, the rows nearest the shared boundary, from the previous step; only those rows are sent, point to
+      point (``partial=0`` sends nothing);
+    * asynchronous, ``FULL`` (DistriFusion): the own strip (fresh) plus every other strip from the previous step.
+
+    The partial ratio is read from ``context.config`` at every call, so it is a runtime setting
+    (:func:`pcpp.configure`). Cross-attention calls (``encoder_hidden_states`` given) run unchanged.
+
+    Args:
+        *args: as diffusers' ``Attention``.
+        context: the shared step state.
+        name: qualified name, for error messages.
+        **kwargs: as diffusers' ``Attention``.
+
+    Raises:
+        ConversionError: the module is cross-attention, has added K/V projections, or uses a processor other
+            than diffusers' plain ``AttnProcessor``/``AttnProcessor2_0``.
+
+    Example:
+        >>> import torch, pcpp
+        >>> from pcpp.context import PatchContext
+        >>> ctx = PatchContext(pcpp.PCPPConfig(), pcpp.comm.LocalCommunicator(), unit=1, levels=0)
+        >>> attn = PartialPatchAttention(8, heads=2, dim_head=4, context=ctx)
+        >>> attn(torch.randn(1, 16, 8)).shape
+        torch.Size([1, 16, 8])
+    """
+
+    def __init__(self, *args: Any, context: PatchContext, name: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup(context, name)
+
+    @classmethod
+    def from_attention(cls, attn: Attention, context: PatchContext, *, name: str = "") -> PartialPatchAttention:
+        """Wrap an existing self-attention module, sharing all of its submodules and weights.
+
+        Args:
+            attn: the diffusers ``Attention`` to replace.
+            context: the shared step state.
+            name: qualified name, for error messages.
+
+        Returns:
+            The parallel attention; ``attn`` itself is left unchanged.
+
+        Raises:
+            ConversionError: ``attn`` cannot be split (see the class docstring).
+        """
+        check_supported(attn, name or type(attn).__name__)
+        new = share_module(attn, cls)
+        new._setup(context, name)
+        return new
+
+    def _setup(self, context: PatchContext, name: str) -> None:
+        self.pcpp_name = name or type(self).__name__
+        check_supported(self, self.pcpp_name)
+        self.context = context
+        self._state = StepBuffers()
+        self._tag = context.register(self)
+
+    def reset_state(self) -> None:
+        """Wait for the exchange in flight and forget previous-step keys and values."""
+        self._state.reset()
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **cross_attention_kwargs: Any,
+    ) -> Tensor:
+        """Attend from this rank's strip; see the class docstring.
+
+        Args:
+            hidden_states: the strip's tokens ``(B, L, C)`` in row-major order, or a map ``(B, C, h, W)``.
+            encoder_hidden_states: if given, this is a cross-attention call and runs unchanged.
+            attention_mask: must be ``None`` for split self-attention.
+            **cross_attention_kwargs: ``temb`` for spatial norms; others are passed on as diffusers does.
+
+        Returns:
+            The attention output for the strip, shaped like ``hidden_states``.
+
+        Raises:
+            PCPPError: an attention mask was given for split self-attention.
+        """
+        if self.context.patch.world_size == 1 or encoder_hidden_states is not None:
+            return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+        if attention_mask is not None:
+            raise PCPPError(
+                f"{self.pcpp_name}: self-attention masks cannot be split into strips; call the UNet without "
+                "an attention_mask, or use one rank."
+            )
+        require_geometry(self.context, self.pcpp_name)
+        return self._strip_forward(hidden_states, cross_attention_kwargs.get("temb"))
+
+    def _strip_forward(self, hidden_states: Tensor, temb: Tensor | None) -> Tensor:
+        geo = self.context.geometry
+        assert geo is not None  # checked by the caller
+        rank = self.context.patch.rank
+        residual = hidden_states
+        if self.spatial_norm is not None:
+            hidden_states = self.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            level = geo.level_of(rank, height)
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        else:
+            batch = hidden_states.shape[0]
+            level, width = geo.level_of_tokens(rank, hidden_states.shape[1])
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = self.to_q(hidden_states)
+        key = self.to_k(hidden_states)
+        value = self.to_v(hidden_states)
+        inner = key.shape[-1]
+        # Keys and values travel together: one exchange per layer instead of two.
+        kv = self._context_kv(torch.cat([key, value], dim=-1), geo, level, width)
+        key, value = kv.split([inner, value.shape[-1]], dim=-1)
+
+        head_dim = inner // self.heads
+        query = query.view(batch, -1, self.heads, head_dim).transpose(1, 2)
+        key = key.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
+        value = value.reshape(batch, -1, self.heads, value.shape[-1] // self.heads).transpose(1, 2)
+        if self.norm_q is not None:
+            query = self.norm_q(query)
+        if self.norm_k is not None:
+            key = self.norm_k(key)
+        scale = None if self.scale_qk else self.scale
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
+        out = out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1]).to(query.dtype)
+        out = self.to_out[0](out)
+        out = self.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(residual.shape)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
+
+    def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
+        """The keys and values (concatenated on the last dim) that this strip's queries attend to."""
+        ctx, state = self.context, self._state
+        comm = ctx.patch
+        _rank, world = comm.rank, comm.world_size
+        rows = geo.strip_rows(level)
+        state.wait()
+        if ctx.phase is Phase.SYNC:
+            gathered = self._gather(kv, rows, width)
+            state.tag = (ctx.image, ctx.step)
+            batch = kv.shape[0]
+            strips = [gathered[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
+            if ctx.config.conditioning is Conditioning.PARTIAL:
+                self._keep_neighbour_rows(strips, rows, width, kv)
+            return torch.cat(strips, dim=1)
+        state.require_previous_step(ctx, self.pcpp_name)
+        if ctx.config.conditioning is Conditioning.FULL:
+            return self._full_async(kv, rows, width)
+        return self._partial_async(kv, rows, width)
+
+    def _what(self, purpose: str) -> str:
+        return f"{self.pcpp_name} ({purpose}, step {self.context.step})"
+
+    def _gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """Blocking all-gather of every strip's K/V, padded to the tallest strip."""
+        gathered = self._post_gather(kv, rows, width)
+        self._state.wait()
+        return gathered
+
+    def _post_gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        comm = self.context.patch
+        tokens = max(rows) * width
+        padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else kv
+        out = self._state.get("all", (comm.world_size * kv.shape[0], tokens, kv.shape[2]), kv)
+        nbytes = padded.numel() * padded.element_size()
+        self.context.stats.record(
+            LayerKind.ATTENTION, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
+        )
+        self._state.pending = comm.all_gather(out, padded, what=self._what("K/V all-gather"))
+        return out
+
+    def _keep_neighbour_rows(self, strips: list[Tensor], rows: tuple[int, ...], width: int, like: Tensor) -> None:
+        """After a synchronous step, store what the first asynchronous step reads from the neighbours."""
+        rank, world = self.context.patch.rank, self.context.patch.world_size
+        partial = self.context.config.partial
+        if rank > 0:
+            n_up = partial_rows(partial, rows[rank - 1])
+            if n_up:
+                buf = self._state.get("up", (like.shape[0], n_up * width, like.shape[2]), like)
+                buf.copy_(strips[rank - 1][:, (rows[rank - 1] - n_up) * width :])
+        if rank + 1 < world:
+            n_down = partial_rows(partial, rows[rank + 1])
+            if n_down:
+                buf = self._state.get("down", (like.shape[0], n_down * width, like.shape[2]), like)
+                buf.copy_(strips[rank + 1][:, : n_down * width])
+
+    def _partial_async(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        ctx, state = self.context, self._state
+        comm = ctx.patch
+        rank, world = comm.rank, comm.world_size
+        partial = ctx.config.partial
+        batch, channels = kv.shape[0], kv.shape[2]
+        n_up = partial_rows(partial, rows[rank - 1]) if rank > 0 else 0
+        n_down = partial_rows(partial, rows[rank + 1]) if rank + 1 < world else 0
+        recv_up = state.get("up", (batch, n_up * width, channels), kv) if n_up else None
+        recv_down = state.get("down", (batch, n_down * width, channels), kv) if n_down else None
+        parts = [t for t in (recv_up, kv, recv_down) if t is not None]
+        context_kv = torch.cat(parts, dim=1) if len(parts) > 1 else kv
+        # This step's boundary rows, for the neighbours' next step; posted after the buffers were read above.
+        n_me = partial_rows(partial, rows[rank])
+        send_up = kv[:, : n_me * width].contiguous() if rank > 0 and n_me else None
+        send_down = kv[:, (rows[rank] - n_me) * width :].contiguous() if rank + 1 < world and n_me else None
+        itemsize = kv.element_size()
+        ctx.stats.record(
+            LayerKind.ATTENTION,
+            sent=sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize,
+            received=sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize,
+        )
+        if send_up is not None or send_down is not None or recv_up is not None or recv_down is not None:
+            state.pending = comm.exchange(
+                send_up=send_up,
+                send_down=send_down,
+                recv_up=recv_up,
+                recv_down=recv_down,
+                tag=self._tag,
+                what=self._what("partial K/V exchange"),
+            )
+        state.tag = (ctx.image, ctx.step)
+        return context_kv
+
+    def _full_async(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        ctx = self.context
+        rank, world = ctx.patch.rank, ctx.patch.world_size
+        batch = kv.shape[0]
+        stale = self._state.get("all", (world * batch, max(rows) * width, kv.shape[2]), kv)
+        parts = [kv if j == rank else stale[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
+        context_kv = torch.cat(parts, dim=1)
+        # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step.
+        self._post_gather(kv, rows, width)
+        self._state.tag = (ctx.image, ctx.step)
+        return context_kv
+
+
+def check_supported(attn: Attention, name: str) -> None:
+    """Raise unless ``attn`` is a self-attention that :class:`PartialPatchAttention` can split.
+
+    Raises:
+        ConversionError: naming the module and what makes it unsupported.
+    """
+    if attn.is_cross_attention:
+        raise ConversionError(f"{name} is cross-attention; it needs no splitting and must stay as it is.")
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        raise ConversionError(
+            f"{name} ({type(attn).__name__}) has added key/value projections (added_kv_proj_dim), which pcpp does "
+            "not split; this UNet family is not supported yet."
+        )
+    processor = attn.processor
+    if type(processor) not in SUPPORTED_PROCESSORS:
+        raise ConversionError(
+            f"{name} uses attention processor {type(processor).__name__}, whose maths pcpp cannot reproduce on "
+            f"strips; supported: {', '.join(p.__name__ for p in SUPPORTED_PROCESSORS)}. Call "
+            "unet.set_default_attn_processor() (or fuse LoRA) before pcpp.convert."
+        )

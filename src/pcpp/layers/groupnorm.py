@@ -1,0 +1,118 @@
+"""AsyncGroupNorm: GroupNorm whose statistics cover the whole image, not just this rank's strip."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..comm.base import Handle
+from ..config import Phase
+from ..context import PatchContext
+from ..functional import corrected_group_stats, group_norm_from_stats, local_group_stats, merge_group_stats
+from ..stats import LayerKind
+from ._common import StepBuffers, share_module
+
+__all__ = ["AsyncGroupNorm"]
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncGroupNorm(nn.GroupNorm):
+    """``GroupNorm`` over an image split into strips, one per rank.
+
+    Each rank computes per-group count, mean and biased variance of its strip in float32. In synchronous steps
+    the statistics of all strips are gathered and merged exactly (Chan's formula over the global element count,
+    biased variance, as ``torch.nn.GroupNorm``). In asynchronous steps DistriFusion's corrected statistics are
+    used: the previous step's merged statistics plus this strip's own change since then; this step's statistics
+    are gathered in the background for the next step.
+
+    Args:
+        *args: as ``torch.nn.GroupNorm``.
+        context: the shared step state.
+        name: qualified name, for error messages.
+        **kwargs: as ``torch.nn.GroupNorm``.
+
+    Example:
+        >>> import torch, pcpp
+        >>> from pcpp.context import PatchContext
+        >>> ctx = PatchContext(pcpp.PCPPConfig(), pcpp.comm.LocalCommunicator(), unit=1, levels=0)
+        >>> AsyncGroupNorm(2, 4, context=ctx)(torch.randn(1, 4, 8, 8)).shape
+        torch.Size([1, 4, 8, 8])
+    """
+
+    def __init__(self, *args: Any, context: PatchContext, name: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup(context, name)
+
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, context: PatchContext, *, name: str = "") -> AsyncGroupNorm:
+        """Wrap an existing ``GroupNorm``, sharing its weight and bias.
+
+        Args:
+            norm: the norm to replace.
+            context: the shared step state.
+            name: qualified name, for error messages.
+
+        Returns:
+            The parallel norm; ``norm`` itself is left unchanged.
+        """
+        new = share_module(norm, cls)
+        new._setup(context, name)
+        return new
+
+    def _setup(self, context: PatchContext, name: str) -> None:
+        self.pcpp_name = name or type(self).__name__
+        self.context = context
+        self._state = StepBuffers()
+        self._tag = context.register(self)
+
+    def reset_state(self) -> None:
+        """Wait for the gather in flight and forget previous-step statistics."""
+        self._state.reset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise this rank's strip with whole-image statistics.
+
+        Args:
+            x: ``(B, C, *)`` activations of this rank's strip (any trailing layout, e.g. ``(B, C, h, W)`` maps or
+                ``(B, C, tokens)``).
+
+        Returns:
+            The normalised strip, shaped and typed like ``x``.
+        """
+        ctx = self.context
+        comm = ctx.patch
+        if comm.world_size == 1:
+            return super().forward(x)
+        state = self._state
+        fresh = local_group_stats(x, self.num_groups)
+        gathered = state.get("stats", (comm.world_size * fresh.shape[0],) + tuple(fresh.shape[1:]), fresh)
+        state.wait()
+        if ctx.phase is Phase.SYNC:
+            self._post(gathered, fresh).wait()
+            mean, var = merge_group_stats(gathered.view(comm.world_size, *fresh.shape))
+        else:
+            state.require_previous_step(ctx, self.pcpp_name)
+            mean, var, fell_back = corrected_group_stats(gathered.view(comm.world_size, *fresh.shape), comm.rank, fresh)
+            if logger.isEnabledFor(logging.DEBUG) and bool(fell_back.any()):
+                logger.debug(
+                    "%s: corrected variance < 0 in %d groups; used the local variance",
+                    self.pcpp_name,
+                    int(fell_back.sum()),
+                )
+            # Reading ``gathered`` above is ordered before this gather overwrites it (same stream, or CPU).
+            state.pending = self._post(gathered, fresh)
+        state.tag = (ctx.image, ctx.step)
+        return group_norm_from_stats(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
+
+    def _post(self, gathered: Tensor, fresh: Tensor) -> Handle:
+        comm = self.context.patch
+        nbytes = fresh.numel() * fresh.element_size()
+        self.context.stats.record(
+            LayerKind.GROUPNORM, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
+        )
+        return comm.all_gather(
+            gathered, fresh, what=f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
+        )
