@@ -180,16 +180,16 @@ def conv_cases(draw: st.DrawFn, regime: str) -> dict[str, int]:
     stride = draw(st.integers(1, 2))
     dilation = draw(st.integers(1, 2))
     if regime == "proper":
-        # Some pad_top <= min(3, span) with pad_top + 3 >= span - stride must exist: span <= stride + 6.
+        # Some pad_top <= min(3, span - 1) with pad_top + 3 >= span - stride must exist: span <= stride + 6.
         kernel = draw(st.integers(1, min(7, (stride + 5) // dilation + 1)))
         span = dilation * (kernel - 1) + 1
-        pad_top = draw(st.integers(max(0, span - stride - 3), min(3, span)))
+        pad_top = draw(st.integers(max(0, span - stride - 3), min(3, span - 1)))
         pad_bottom = draw(st.integers(max(0, span - stride - pad_top), 3))
     elif regime == "pad_top_beyond_span":
         # pad_top <= 3 forces span <= 2: a 1-row kernel (any dilation) or a 2-row kernel without dilation.
         kernel = draw(st.integers(1, 2)) if dilation == 1 else 1
         span = dilation * (kernel - 1) + 1
-        pad_top = draw(st.integers(span + 1, 3))
+        pad_top = draw(st.integers(span, 3))
         pad_bottom = draw(st.integers(0, 3))
     else:
         assert regime == "short_output"
@@ -337,21 +337,26 @@ def test_conv_halo_strips_reproduce_the_full_conv(case: dict[str, int], seed: in
 
 
 @given(conv_cases("pad_top_beyond_span"), SEEDS)
-@example(_conv_case(1, 1, 1, 2, 0, 2, 1, 2), 0)  # minimal known failure, see below
-def test_conv_halo_top_padding_beyond_the_kernel_span(case: dict[str, int], seed: int) -> None:
-    """The same property as test_conv_halo_strips_reproduce_the_full_conv, for pad_top > span: the first output
-    rows read only top padding, and a strip whose owned outputs all lie there needs no rows of its own.
-
-    KNOWN SRC BUG (fails at the time of writing): conv_halo(start=0, stop=1, height=2, kernel=1, stride=1,
-    dilation=1, pad_top=2, pad_bottom=0, last=False) returns zeros_top=2, crop_bottom=2 for a 1-row strip that owns one
-    output row reading one zero row; zeros_top counts up to row 0 even when the window ends above the image.
-    Clamping alone does not fix this regime: e.g. kernel 1, stride 2, pad_top 2, rows (2, 2, 2) -- strip 1 needs only
-    row 0 of strip 0, not its tail, which ConvHalo cannot express. If src chooses to reject pad_top > span instead,
-    this test should expect that error.
-
-    Tolerance: as there (atol = rtol = 1e-5).
+@example(_conv_case(1, 1, 1, 2, 0, 2, 1, 2), 0)  # the smallest such case
+def test_conv_halo_rejects_top_padding_beyond_the_kernel_reach(case: dict[str, int], seed: int) -> None:
+    """pad_top >= span (top padding beyond the kernel's reach of span - 1 rows): the first output rows would read
+    only padding, and a strip can need rows of a non-adjacent strip, which ConvHalo cannot express; conv_halo
+    rejects it with SplitError naming the padding, before any layer is built.
     """
-    _check_strip_convs(case, seed)
+    rows = partition_rows(case["height"], case["parts"], case["unit"])
+    with pytest.raises(SplitError, match="top padding of"):
+        conv_halo(
+            start=0,
+            stop=rows[0],
+            height=case["height"],
+            kernel=case["kernel"],
+            stride=case["stride"],
+            dilation=case["dilation"],
+            pad_top=case["pad_top"],
+            pad_bottom=case["pad_bottom"],
+            last=case["parts"] == 1,
+        )
+    del seed
 
 
 @given(conv_cases("short_output"), SEEDS)
@@ -362,14 +367,28 @@ def test_conv_halo_output_shorter_than_input(case: dict[str, int], seed: int) ->
     where the output has fewer than ceil(H / stride) rows, so a non-last strip can own fewer rows than
     ceil(stop / stride) - start / stride (or none).
 
-    KNOWN SRC BUG (fails at the time of writing): for the unpadded 3x3 conv of a 5-row input split (2, 2, 1) -- the
-    output has 3 rows -- conv_halo(start=2, stop=4, height=5, kernel=3, stride=1, dilation=1, pad_top=0,
-    pad_bottom=0, last=False) returns zeros_bottom=1 although pad_bottom is 0: a non-last strip's owned output range
-    is not clamped to the output height, so it claims output row 3, which does not exist.
+    A strip that owns no output row at all is rejected with SplitError ("owns no output row"); that is checked
+    against the arithmetic here, and the property must hold for every other split. (Regression: conv_halo used to
+    claim output rows past the end, e.g. rows (2, 2, 1) of an unpadded 3x3 conv on 5 rows.)
 
     Tolerance: as there (atol = rtol = 1e-5).
     """
-    _check_strip_convs(case, seed)
+    span = case["dilation"] * (case["kernel"] - 1) + 1
+    total = (case["height"] + case["pad_top"] + case["pad_bottom"] - span) // case["stride"] + 1
+    rows = partition_rows(case["height"], case["parts"], case["unit"])
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    empty = (
+        any(
+            min(-(-(s + r) // case["stride"]), total) <= min(s // case["stride"], total)
+            for s, r in zip(starts[:-1], rows[:-1], strict=True)
+        )
+        or min(starts[-1] // case["stride"], total) >= total
+    )
+    if empty:
+        with pytest.raises(SplitError, match="owns no output row"):
+            _check_strip_convs(case, seed)
+    else:
+        _check_strip_convs(case, seed)
 
 
 @given(

@@ -151,20 +151,31 @@ def conv_halo(
     Raises:
         SplitError: ``start`` is not a multiple of ``stride``.
     """
+    span = dilation * (kernel - 1) + 1
     if start % stride:
         raise SplitError(f"strip start row {start} is not a multiple of the conv stride {stride}.")
-    span = dilation * (kernel - 1) + 1
-    out_start = start // stride
-    out_stop = (height + pad_top + pad_bottom - span) // stride + 1 if last else -(-stop // stride)
+    if pad_top > span - 1:
+        raise SplitError(
+            f"top padding of {pad_top} rows exceeds the kernel's reach of {span - 1} rows: the first output rows "
+            "would read nothing but padding, which pcpp does not split; remove the extra padding."
+        )
+    total = (height + pad_top + pad_bottom - span) // stride + 1
+    out_start = min(start // stride, total)
+    out_stop = total if last else min(-(-stop // stride), total)
+    if out_stop <= out_start:
+        raise SplitError(
+            f"the strip of rows [{start}, {stop}) owns no output row of this conv ({total} rows in all); use fewer "
+            "ranks or a larger image."
+        )
     need_start = out_start * stride - pad_top
     need_stop = (out_stop - 1) * stride - pad_top + span
     return ConvHalo(
-        zeros_top=max(0, -need_start),
-        from_above=max(0, start - max(need_start, 0)),
-        crop_top=max(0, need_start - start),
-        crop_bottom=max(0, stop - need_stop),
-        from_below=max(0, min(need_stop, height) - stop),
-        zeros_bottom=max(0, need_stop - height),
+        zeros_top=max(0, min(need_stop, 0) - need_start),
+        from_above=max(0, min(need_stop, start) - max(need_start, 0)),
+        crop_top=min(stop - start, max(0, need_start - start)),
+        crop_bottom=min(stop - start, max(0, stop - need_stop)),
+        from_below=max(0, min(need_stop, height) - max(need_start, stop)),
+        zeros_bottom=max(0, need_stop - max(need_start, height)),
     )
 
 

@@ -23,7 +23,7 @@ class Replacement:
     """One module to swap: its qualified name and how to build the parallel version."""
 
     name: str
-    build: Callable[[nn.Module, PatchContext], nn.Module]
+    build: Callable[[nn.Module, PatchContext], nn.Module]  # returns the parallel module
 
 
 def _diffusers_class(name: str) -> type | None:
@@ -87,6 +87,33 @@ def _row_padding(parent: nn.Module | None, child_name: str) -> tuple[int, int]:
     return (0, 0)
 
 
+Builder = Callable[[nn.Module, PatchContext], nn.Module]
+
+
+def _conv_builder(name: str, entry: bool, row_padding: tuple[int, int]) -> Builder:
+    def build(module: nn.Module, context: PatchContext) -> nn.Module:
+        assert isinstance(module, nn.Conv2d)
+        return PartialPatchConv2d.from_conv(module, context, entry=entry, row_padding=row_padding, name=name)
+
+    return build
+
+
+def _norm_builder(name: str) -> Builder:
+    def build(module: nn.Module, context: PatchContext) -> nn.Module:
+        assert isinstance(module, nn.GroupNorm)
+        return AsyncGroupNorm.from_group_norm(module, context, name=name)
+
+    return build
+
+
+def _attention_builder(name: str) -> Builder:
+    def build(module: nn.Module, context: PatchContext) -> nn.Module:
+        assert isinstance(module, Attention)
+        return PartialPatchAttention.from_attention(module, context, name=name)
+
+    return build
+
+
 def plan_conversion(unet: nn.Module) -> list[Replacement]:
     """Decide every replacement for ``unet``, or raise before anything changes.
 
@@ -122,17 +149,18 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
                         "only 'zeros' can be split"
                     )
                     continue
-                plan.append(
-                    Replacement(
-                        name,
-                        lambda m, ctx, e=entry, p=pad, n=name: PartialPatchConv2d.from_conv(
-                            m, ctx, entry=e, row_padding=p, name=n
-                        ),
+                reach = module.dilation[0] * (module.kernel_size[0] - 1)
+                top = (module.padding[0] if not isinstance(module.padding, str) else 0) + pad[0]
+                if top > reach:
+                    problems.append(
+                        f"{name} (Conv2d): top padding {top} exceeds the kernel's reach of {reach} rows, so output "
+                        "rows would read only padding; pcpp does not split such convs"
                     )
-                )
+                    continue
+                plan.append(Replacement(name, _conv_builder(name, entry, pad)))
             continue
         if isinstance(module, nn.GroupNorm):
-            plan.append(Replacement(name, lambda m, ctx, n=name: AsyncGroupNorm.from_group_norm(m, ctx, name=n)))
+            plan.append(Replacement(name, _norm_builder(name)))
             continue
         if isinstance(module, Attention):
             if module.is_cross_attention:
@@ -142,7 +170,7 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
             except ConversionError as err:
                 problems.append(str(err))
                 continue
-            plan.append(Replacement(name, lambda m, ctx, n=name: PartialPatchAttention.from_attention(m, ctx, name=n)))
+            plan.append(Replacement(name, _attention_builder(name)))
             continue
         reason = _row_mixing_reason(module)
         if reason is not None:

@@ -79,7 +79,9 @@ class TorchCommunicator:
                 "torch.distributed is not initialised: call torch.distributed.init_process_group(...) first "
                 "(e.g. under torchrun), or pass comm=pcpp.comm.LocalCommunicator() for a single process."
             )
-        self._group = group if group is not None else dist.group.WORLD
+        world = dist.group.WORLD
+        assert world is not None  # initialised, checked above
+        self._group: dist.ProcessGroup = group if group is not None else world
         rank = dist.get_rank(self._group)
         if rank < 0:
             raise ConversionError(

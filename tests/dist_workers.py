@@ -1,0 +1,283 @@
+"""Per-rank functions for the distributed tests. They run in spawned processes, so they live at module level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+from torch import Tensor
+
+import pcpp
+from pcpp.testing import tiny_unet_config
+
+
+@dataclass(frozen=True)
+class Case:
+    """One UNet run: model family, layout and sampling settings."""
+
+    family: str = "tiny"
+    cfg_split: bool = False
+    images: int = 1  # images per call; with guidance the UNet batch is twice this
+    height: int = 16
+    width: int = 12
+    steps: int = 5
+    guidance: float | None = 5.0
+    seed: int = 0
+    convert: dict[str, Any] = field(default_factory=dict)
+
+
+def build_unet(case: Case) -> torch.nn.Module:
+    torch.manual_seed(case.seed)
+    config = tiny_unet_config(case.family)
+    model = UNet2DModel(**config) if case.family == "unet2d" else UNet2DConditionModel(**config)
+    return model.eval()
+
+
+def inputs(case: Case, unet: torch.nn.Module) -> tuple[Tensor, dict[str, Any]]:
+    """The initial latent and the conditioning kwargs of one UNet call (CFG batch included)."""
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    channels = unet.config.in_channels
+    x = torch.randn(case.images, channels, case.height, case.width, generator=gen)
+    kwargs: dict[str, Any] = {}
+    batch = case.images * (2 if case.guidance is not None else 1)
+    if isinstance(unet, UNet2DConditionModel):
+        kwargs["encoder_hidden_states"] = torch.randn(batch, 5, unet.config.cross_attention_dim, generator=gen)
+        if unet.config.addition_embed_type == "text_time":
+            text_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, text_dim, generator=gen),
+                "time_ids": torch.randn(batch, 6, generator=gen),
+            }
+    return x, kwargs
+
+
+def ddim_loop(unet: torch.nn.Module, case: Case) -> tuple[Tensor, list[Tensor]]:
+    """A DDIM loop with classifier-free guidance; returns the final latent and every step's guided noise."""
+    x, kwargs = inputs(case, unet)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    scheduler.set_timesteps(case.steps)
+    eps_all = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            batch_in = torch.cat([x, x]) if case.guidance is not None else x
+            eps = unet(batch_in, t, **kwargs).sample
+            if case.guidance is not None:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + case.guidance * (cond - uncond)
+            eps_all.append(eps)
+            x = scheduler.step(eps, t, x).prev_sample
+    return x, eps_all
+
+
+def comm_for(case: Case, world: int) -> Any:
+    if not case.cfg_split:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("cfg", "patch"))
+
+
+def loop_vs_reference(rank: int, world: int, case: Case) -> dict[str, Any]:
+    """Single-device loop and converted loop on the same rank; returns both."""
+    unet = build_unet(case)
+    ref_x, ref_eps = ddim_loop(unet, case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    x, eps = ddim_loop(unet, case)
+    return {"ref_x": ref_x, "ref_eps": ref_eps, "x": x, "eps": eps}
+
+
+def repeated_input(rank: int, world: int, case: Case, repeats: int) -> dict[str, Any]:
+    """Call the converted UNet ``repeats`` times with the same input and timestep (a fixed point)."""
+    unet = build_unet(case)
+    x, kwargs = inputs(case, unet)
+    batch_in = torch.cat([x, x]) if case.guidance is not None else x
+    with torch.no_grad():
+        ref = unet(batch_in, 500, **kwargs).sample
+        pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+        outs = [unet(batch_in, 500, **kwargs).sample for _ in range(repeats)]
+    phases = [s.phase for s in pcpp.comm_stats(unet).steps]
+    return {"ref": ref, "outs": outs, "phases": phases}
+
+
+def traffic(rank: int, world: int, case: Case) -> dict[str, Any]:
+    """Run a loop and return per-step traffic plus what each attention layer saw (for analytic counts)."""
+    unet = build_unet(case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    seen: list[tuple[str, int, int, int]] = []
+
+    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hs = args[0]
+        if kwargs.get("encoder_hidden_states") is None and (len(args) < 2 or args[1] is None):
+            seen.append((module.pcpp_name, hs.shape[0], hs.shape[1], module.to_k.out_features))
+
+    for module in unet.modules():
+        if isinstance(module, pcpp.layers.PartialPatchAttention):
+            module.register_forward_pre_hook(record, with_kwargs=True)
+    ddim_loop(unet, case)
+    ctx = pcpp.get_context(unet)
+    geo = ctx.geometry
+    steps = [
+        {"step": s.step, "phase": s.phase, "by_kind": {k.value: (v.sent, v.received) for k, v in s.by_kind.items()}}
+        for s in ctx.stats.steps
+    ]
+    return {"steps": steps, "seen": seen, "rows": geo.rows if geo else None, "widths": dict(geo.widths) if geo else {}}
+
+
+def two_images(rank: int, world: int, case: Case, other: Case) -> dict[str, Any]:
+    """Image ``other`` then image ``case`` through one converted UNet, and ``case`` alone through a fresh one."""
+    unet = build_unet(case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    ddim_loop(unet, other)
+    after_x, after_eps = ddim_loop(unet, case)
+    images = pcpp.get_context(unet).image
+    fresh = build_unet(case)
+    pcpp.convert(fresh, comm=comm_for(case, world), **case.convert)
+    alone_x, alone_eps = ddim_loop(fresh, case)
+    return {"after": after_eps, "alone": alone_eps, "images": images}
+
+
+def one_rank_skips(rank: int, world: int, case: Case) -> str:
+    """Rank 1 never calls the UNet; rank 0 must fail with PeerTimeoutError, not hang."""
+    unet = build_unet(case)
+    pcpp.convert(unet, timeout=timedelta(seconds=2), **case.convert)
+    if rank == 1:
+        return "skipped"
+    x, kwargs = inputs(case, unet)
+    try:
+        with torch.no_grad():
+            unet(torch.cat([x, x]), 10, **kwargs)
+    except pcpp.PeerTimeoutError as err:
+        return f"timeout: {err}"
+    return "no error"
+
+
+def bad_mesh(rank: int, world: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    unet = build_unet(Case())
+    before = [id(m) for m in unet.modules()]
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cfg",))
+    mesh2 = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("a", "b"))
+    messages = []
+    for bad in (mesh2,):
+        try:
+            pcpp.convert(unet, comm=bad)
+        except pcpp.ConversionError as err:
+            messages.append(str(err))
+    try:
+        pcpp.convert(unet, comm=init_device_mesh("cpu", (world, 1), mesh_dim_names=("cfg", "patch")))
+    except pcpp.ConversionError as err:
+        messages.append(str(err))
+    del mesh
+    unchanged = before == [id(m) for m in unet.modules()] and not pcpp.is_converted(unet)
+    return "\n".join(messages) + f"\nunchanged={unchanged}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer-level workers: the parallel layers on their own, against full-image references computed on every rank.
+
+
+def _layer_context(config: pcpp.PCPPConfig, height: int, width: int, levels: int = 0) -> pcpp.PatchContext:
+    comm = pcpp.comm.TorchCommunicator()
+    return pcpp.PatchContext(config, comm, unit=2**levels, levels=levels)
+
+
+def _own(t: Tensor, ctx: pcpp.PatchContext, dim: int = 2) -> Tensor:
+    geo = ctx.geometry
+    assert geo is not None
+    start = geo.strip_start(ctx.patch.rank, 0)
+    return t.narrow(dim, start, geo.rows[ctx.patch.rank])
+
+
+def conv_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
+    """A 3x3 conv over steps a (sync), b, c (async): step b's halo is a's rows, step c's is b's."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 6)
+    layer = pcpp.layers.PartialPatchConv2d.from_conv(conv, ctx, name="conv")
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(2, 3, height, 6, generator=gen) for _ in range(3)]
+    outs = []
+    for x in frames:
+        ctx.begin_step(height, 6, None)
+        outs.append(layer(_own(x, ctx)))
+        ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": conv.weight, "bias": conv.bias}
+
+
+def attention_staleness(rank: int, world: int, height: int, partial: float, full: bool) -> dict[str, Any]:
+    """Self-attention over steps a (sync), b, c (async); returns outputs and the inputs for a reference."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, heads=2, dim_head=4).eval()
+    conditioning = pcpp.Conditioning.FULL if full else pcpp.Conditioning.PARTIAL
+    ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1, partial=partial, conditioning=conditioning), height, 3)
+    layer = pcpp.layers.PartialPatchAttention.from_attention(attn, ctx, name="attn")
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(2, 8, height, 3, generator=gen) for _ in range(3)]
+    outs = []
+    with torch.no_grad():
+        for x in frames:
+            ctx.begin_step(height, 3, None)
+            outs.append(layer(_own(x, ctx)))
+            ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    sent = [s.by_kind.get(pcpp.LayerKind.ATTENTION) for s in ctx.stats.steps]
+    return {
+        "outs": outs,
+        "frames": frames,
+        "rows": geo.rows,
+        "state": attn.state_dict(),
+        "sent": [(t.sent, t.received) if t else (0, 0) for t in sent],
+    }
+
+
+def groupnorm_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(2, 4)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 5)
+    layer = pcpp.layers.AsyncGroupNorm.from_group_norm(norm, ctx, name="norm")
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(2, 4, height, 5, generator=gen) * (1 + i) + i for i in range(3)]
+    outs = []
+    for x in frames:
+        ctx.begin_step(height, 5, None)
+        outs.append(layer(_own(x, ctx)))
+        ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": norm.weight, "bias": norm.bias}
+
+
+def world_rank(rank: int, world: int) -> int:
+    return dist.get_rank()
+
+
+def two_modes(rank: int, world: int, first: Case, second: Case) -> dict[str, Any]:
+    """The same loop through two conversions of the same UNet weights."""
+    results = {}
+    for key, case in (("first", first), ("second", second)):
+        unet = build_unet(case)
+        pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+        results[key] = ddim_loop(unet, case)[1]
+    return results
+
+
+def many_loops(rank: int, world: int, cases: list[Case]) -> list[dict[str, float]]:
+    """``loop_vs_reference`` for several cases in one process group; returns relative errors only."""
+    report = []
+    for case in cases:
+        r = loop_vs_reference(rank, world, case)
+        eps_err = max(float((a - b).norm() / b.norm()) for a, b in zip(r["eps"], r["ref_eps"], strict=True))
+        report.append({"x": float((r["x"] - r["ref_x"]).norm() / r["ref_x"].norm()), "eps": eps_err})
+    return report
