@@ -23,6 +23,12 @@ class StatefulLayer(Protocol):
     def reset_state(self) -> None:
         """Wait for anything in flight and forget previous-step activations."""
 
+    def join(self) -> None:
+        """Make the current stream wait for this layer's exchange in flight."""
+
+    def release_state(self) -> None:
+        """Wait for anything in flight and free the layer's buffers."""
+
 
 @dataclass
 class Geometry:
@@ -119,6 +125,9 @@ class PatchContext:
         self._layers: list[StatefulLayer] = []
         self._last_timestep: float | None = None
         self._pending_reset = True
+        self.join_at_step_end = False
+        """Join every exchange in flight at the end of each step (required for CUDA-graph capture, where a graph
+        must not leave work pending; communication then overlaps with the rest of its own step only)."""
 
     @property
     def phase(self) -> Phase:
@@ -181,11 +190,14 @@ class PatchContext:
         self.stats.begin_step(image=self.image, step=self.step, phase=self.phase.value)
 
     def end_step(self) -> None:
-        """Advance to the next step of the current image."""
+        """Advance to the next step of the current image (joining exchanges if ``join_at_step_end``)."""
+        if self.join_at_step_end:
+            for layer in self._layers:
+                layer.join()
         self.step += 1
 
     def drain(self) -> None:
-        """Wait for every operation in flight and drop all previous-step state."""
+        """Wait for every operation in flight, free all buffers, and start a new image at the next call."""
         for layer in self._layers:
-            layer.reset_state()
+            layer.release_state()
         self._pending_reset = True

@@ -190,8 +190,9 @@ def local_group_stats(x: Tensor, groups: int) -> Tensor:
         Tensor of shape ``(B, groups, 3)``: ``[count, mean, variance]``.
     """
     xg = x.reshape(x.shape[0], groups, -1)
-    if xg.dtype != torch.float32 and xg.dtype != torch.float64:
-        # fp16 moments overflow and cancel (DistriFusion's black-image bug); accumulate in fp32.
+    if xg.dtype not in (torch.float32, torch.float64):
+        # fp16 moments overflow and cancel (DistriFusion's black-image bug), and a one-pass E[x^2] - E[x]^2 in fp32
+        # still cancels when |mean| >> std: take the two-pass statistics of an fp32 copy.
         xg = xg.float()
     var, mean = torch.var_mean(xg, dim=-1, correction=0)
     count = torch.full_like(mean, float(xg.shape[-1]))
@@ -275,4 +276,6 @@ def group_norm_from_stats(
     view = (batch, channels) + (1,) * (x.ndim - 2)
     if x.dtype in (torch.float32, torch.float64):
         return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
-    return torch.addcmul(shift.view(view), x.float(), scale.view(view)).to(x.dtype)
+    # Half precision: fp32 scale and shift promote the product to fp32, so the output is rounded once, as in
+    # F.group_norm (rounding scale or mean to half first costs up to 4 output ulps when |mean| >> std).
+    return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)

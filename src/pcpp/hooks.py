@@ -14,6 +14,7 @@ from .comm.base import PatchCommunicator
 from .comm.groups import ParallelGroups
 from .context import Geometry, PatchContext
 from .errors import PCPPError
+from .layers._common import is_capturing
 from .stats import LayerKind
 
 __all__ = ["UNetHooks"]
@@ -72,7 +73,10 @@ class UNetHooks:
                 f"{tuple(sample.shape) if isinstance(sample, Tensor) else ''}."
             )
         ctx = self.context
-        ctx.begin_step(sample.shape[2], sample.shape[3], _timestep_value(arguments.get("timestep")))
+        timestep = (
+            _timestep_value(arguments.get("timestep")) if ctx.config.detect_new_image and not is_capturing() else None
+        )
+        ctx.begin_step(sample.shape[2], sample.shape[3], timestep)
         geo = ctx.geometry
         assert geo is not None
         if self.groups.cfg_split:
@@ -98,6 +102,7 @@ class UNetHooks:
 
         return {k: _map_tensors(v, take) for k, v in arguments.items()}
 
+    @torch.compiler.disable
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         ctx = self.context
         try:

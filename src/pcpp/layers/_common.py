@@ -11,7 +11,13 @@ from ..comm.base import Handle
 from ..context import PatchContext
 from ..errors import PCPPError
 
-__all__ = ["StepBuffers", "require_geometry", "share_module"]
+__all__ = ["StepBuffers", "is_capturing", "require_geometry", "share_module"]
+
+
+def is_capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -94,14 +100,25 @@ class StepBuffers:
             PCPPError: they are older, newer, or from another image; this is a bug, never a silent staleness.
         """
         expected = (context.image, context.step - 1)
-        if self.tag != expected:
+        if self.tag != expected and not is_capturing():
+            # Under CUDA-graph capture the host never sees replayed steps, so tags are not kept; the graph
+            # runner guarantees one replay per step instead.
             raise PCPPError(
                 f"{what}: previous-step activations are from (image, step)={self.tag}, expected {expected}. Every "
                 "rank must call the converted UNet the same number of times; call pcpp.reset(unet) between images."
             )
 
     def reset(self) -> None:
-        """Wait for anything in flight, then forget the stored activations."""
+        """Wait for anything in flight and mark the stored activations as belonging to no step.
+
+        The buffers themselves are kept (the next image overwrites them before reading): captured CUDA graphs
+        hold their addresses, so freeing them here would let the allocator hand that memory to someone else.
+        """
+        self.wait()
+        self.tag = None
+
+    def release(self) -> None:
+        """Wait for anything in flight and free every buffer."""
         self.wait()
         self._tensors.clear()
         self.tag = None

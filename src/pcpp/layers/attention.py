@@ -87,6 +87,14 @@ class PartialPatchAttention(Attention):
         self._state = StepBuffers()
         self._tag = context.register(self)
 
+    def join(self) -> None:
+        """Wait (on the current stream) for the exchange in flight, if any."""
+        self._state.wait()
+
+    def release_state(self) -> None:
+        """Wait for the exchange in flight and free the buffers."""
+        self._state.release()
+
     def reset_state(self) -> None:
         """Wait for the exchange in flight and forget previous-step keys and values."""
         self._state.reset()
@@ -167,6 +175,7 @@ class PartialPatchAttention(Attention):
             out = out + residual
         return out / self.rescale_output_factor
 
+    @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
     def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
         """The keys and values (concatenated on the last dim) that this strip's queries attend to."""
         ctx, state = self.context, self._state

@@ -118,7 +118,16 @@ class PartialPatchConv2d(nn.Conv2d):
         self._width_pad = (pad_left, pad_right)
         self._state = StepBuffers()
         self._plans: dict[tuple[int, int], list[ConvHalo]] = {}
+        self._exchange: tuple[list[ConvHalo], Tensor | None, Tensor | None] = ([], None, None)
         self._tag = context.register(self)
+
+    def join(self) -> None:
+        """Wait (on the current stream) for the exchange in flight, if any."""
+        self._state.wait()
+
+    def release_state(self) -> None:
+        """Wait for the exchange in flight and free the buffers."""
+        self._state.release()
 
     def reset_state(self) -> None:
         """Wait for the exchange in flight and forget previous-step rows."""
@@ -195,11 +204,19 @@ class PartialPatchConv2d(nn.Conv2d):
         return self._conv(piece)
 
     def _strip_forward(self, x: Tensor, geo: Geometry) -> Tensor:
-        ctx, state = self.context, self._state
-        comm = ctx.patch
-        rank = comm.rank
         top_pre, bottom_pre = self.row_padding
         strip = x[:, :, top_pre : x.shape[2] - bottom_pre] if (top_pre or bottom_pre) else x
+        out = self._conv(self._with_halo(strip, geo))
+        self._after_conv(strip)
+        return out
+
+    # The two halves below hold every phase-dependent branch and all communication. They are opaque to
+    # torch.compile (a graph break each), so compiled code between them never guards on the step counter.
+    @torch.compiler.disable
+    def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
+        """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv."""
+        ctx, state = self.context, self._state
+        rank = ctx.patch.rank
         level = geo.level_of(rank, strip.shape[2])
         plans = self._halos(geo, level, geo.level_height(level))
         mine = plans[rank]
@@ -207,11 +224,10 @@ class PartialPatchConv2d(nn.Conv2d):
         batch, channels, width = strip.shape[0], strip.shape[1], strip.shape[3]
         recv_up = state.get("up", (batch, channels, mine.from_above, width), strip) if mine.from_above else None
         recv_down = state.get("down", (batch, channels, mine.from_below, width), strip) if mine.from_below else None
+        self._exchange = (plans, recv_up, recv_down)
         state.wait()
-        sync = ctx.phase is Phase.SYNC
-        if sync:
-            handle = self._post(strip, plans, recv_up, recv_down)
-            handle.wait()
+        if ctx.phase is Phase.SYNC:
+            self._post(strip, plans, recv_up, recv_down).wait()
         else:
             state.require_previous_step(ctx, self.pcpp_name)
         parts: list[Tensor] = []
@@ -224,12 +240,17 @@ class PartialPatchConv2d(nn.Conv2d):
             parts.append(recv_down)
         if mine.zeros_bottom:
             parts.append(state.zeros("zb", (batch, channels, mine.zeros_bottom, width), strip))
-        out = self._conv(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-        if not sync:
-            # The neighbours' rows of this step, for the next step: posted after the conv has read the buffers.
-            state.pending = self._post(strip, plans, recv_up, recv_down)
-        state.tag = (ctx.image, ctx.step)
-        return out
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    @torch.compiler.disable
+    def _after_conv(self, strip: Tensor) -> None:
+        """In asynchronous steps, post this step's boundary rows for the neighbours' next step."""
+        ctx = self.context
+        if ctx.phase is Phase.ASYNC:
+            # Posted after the conv has read the receive buffers (stream order on GPU, program order on CPU).
+            plans, recv_up, recv_down = self._exchange
+            self._state.pending = self._post(strip, plans, recv_up, recv_down)
+        self._state.tag = (ctx.image, ctx.step)
 
     def _post(self, strip: Tensor, plans: list[ConvHalo], recv_up: Tensor | None, recv_down: Tensor | None) -> Handle:
         comm = self.context.patch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..comm.base import Handle
@@ -68,6 +69,14 @@ class AsyncGroupNorm(nn.GroupNorm):
         self._state = StepBuffers()
         self._tag = context.register(self)
 
+    def join(self) -> None:
+        """Wait (on the current stream) for the exchange in flight, if any."""
+        self._state.wait()
+
+    def release_state(self) -> None:
+        """Wait for the exchange in flight and free the buffers."""
+        self._state.release()
+
     def reset_state(self) -> None:
         """Wait for the gather in flight and forget previous-step statistics."""
         self._state.reset()
@@ -86,8 +95,15 @@ class AsyncGroupNorm(nn.GroupNorm):
         comm = ctx.patch
         if comm.world_size == 1:
             return super().forward(x)
-        state = self._state
         fresh = local_group_stats(x, self.num_groups)
+        mean, var = self._image_stats(fresh)
+        return group_norm_from_stats(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
+
+    @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
+    def _image_stats(self, fresh: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole-image mean and variance for this step, from this strip's fresh statistics."""
+        ctx, state = self.context, self._state
+        comm = ctx.patch
         gathered = state.get("stats", (comm.world_size * fresh.shape[0],) + tuple(fresh.shape[1:]), fresh)
         state.wait()
         if ctx.phase is Phase.SYNC:
@@ -105,7 +121,7 @@ class AsyncGroupNorm(nn.GroupNorm):
             # Reading ``gathered`` above is ordered before this gather overwrites it (same stream, or CPU).
             state.pending = self._post(gathered, fresh)
         state.tag = (ctx.image, ctx.step)
-        return group_norm_from_stats(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
+        return mean, var
 
     def _post(self, gathered: Tensor, fresh: Tensor) -> Handle:
         comm = self.context.patch

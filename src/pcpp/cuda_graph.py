@@ -1,0 +1,159 @@
+"""Replay a (converted or plain) UNet from CUDA graphs: one graph per phase and input shape."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .api import get_context, is_converted, reset
+from .errors import PCPPError
+
+__all__ = ["CUDAGraphUNet"]
+
+logger = logging.getLogger(__name__)
+
+
+def _flatten(value: Any, out: list[Tensor]) -> Any:
+    """Replace tensors by their index in ``out`` (collected), keeping the structure."""
+    if isinstance(value, Tensor):
+        out.append(value)
+        return ("__tensor__", len(out) - 1)
+    if isinstance(value, dict):
+        return {k: _flatten(v, out) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_flatten(v, out) for v in value)
+    return value
+
+
+def _unflatten(value: Any, tensors: list[Tensor]) -> Any:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__tensor__":
+        return tensors[value[1]]
+    if isinstance(value, dict):
+        return {k: _unflatten(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unflatten(v, tensors) for v in value)
+    return value
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Tensor]
+    output: Tensor
+
+
+class CUDAGraphUNet:
+    """Run a diffusers UNet (converted by :func:`pcpp.convert` or not) from captured CUDA graphs.
+
+    The first call of each phase (synchronous, asynchronous) and input signature runs eagerly where it must warm
+    up communicators and allocate pcpp's persistent buffers, then a graph is captured; later calls copy their
+    inputs into the graph's static buffers and replay it, with no Python per layer and no host synchronisation.
+    All exchanges of a step are joined at its end (a graph cannot leave work in flight), so communication overlaps
+    with the rest of its own step.
+
+    Args:
+        unet: the UNet, on a CUDA device.
+
+    Raises:
+        PCPPError: CUDA is not available.
+
+    Example:
+        >>> graphed = CUDAGraphUNet(pcpp.convert(unet, detect_new_image=False))  # doctest: +SKIP
+        >>> for t in scheduler.timesteps:  # doctest: +SKIP
+        ...     eps = graphed(torch.cat([x, x]), t, encoder_hidden_states=emb)
+        >>> graphed.reset()  # before the next image  # doctest: +SKIP
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        if not torch.cuda.is_available():
+            raise PCPPError("CUDAGraphUNet needs CUDA; on the CPU call the UNet directly.")
+        self.unet = unet
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self._converted = is_converted(unet)
+        if self._converted:
+            get_context(unet).join_at_step_end = True
+
+    def reset(self) -> None:
+        """Start a new image at the next call."""
+        if self._converted:
+            reset(self.unet)
+
+    def release(self) -> None:
+        """Drop every captured graph (do this before destroying the process group)."""
+        self._graphs.clear()
+        torch.cuda.synchronize()
+
+    def _phase_key(self, sample: Tensor, timestep: Any) -> str:
+        if not self._converted:
+            return "plain"
+        ctx = get_context(self.unet)
+        if ctx.config.detect_new_image and not (isinstance(timestep, Tensor) and timestep.is_cuda):
+            value = float(timestep)
+            last = ctx._last_timestep
+            if last is not None and value > last:
+                ctx.request_reset()
+        geo = ctx.geometry
+        new_image = ctx._pending_reset or geo is None or (geo.height, geo.width) != tuple(sample.shape[2:])
+        return ctx.config.phase_of(0 if new_image else ctx.step).value
+
+    def __call__(self, sample: Tensor, timestep: Any, **kwargs: Any) -> Tensor:
+        """Run one UNet call; returns the noise prediction (``.sample``) as a new tensor.
+
+        Args:
+            sample: the latent batch ``(B, C, H, W)``.
+            timestep: the timestep (number, or tensor; a CUDA tensor is copied into the graph).
+            **kwargs: the UNet's other arguments (``encoder_hidden_states``, ``added_cond_kwargs``, ...).
+
+        Returns:
+            The UNet's output sample.
+        """
+        if not isinstance(timestep, Tensor):
+            timestep = torch.tensor(timestep, device=sample.device)
+        elif not timestep.is_cuda:
+            timestep = timestep.to(sample.device)
+        phase = self._phase_key(sample, timestep)
+        tensors: list[Tensor] = []
+        structure = _flatten({"sample": sample, "timestep": timestep, **kwargs}, tensors)
+        key = (phase, repr(structure), tuple((tuple(t.shape), t.dtype) for t in tensors))
+        entry = self._graphs.get(key)
+        if entry is None:
+            if phase == "async":
+                # Communicators and persistent buffers were set up by the eager synchronous step. Capturing runs the
+                # hooks, which open and close a step; rewind it so that the replay below counts as that step.
+                entry = self._capture(key, structure, tensors)
+            else:
+                # Eager first: warms up communicators and allocates the buffers the graphs will share.
+                out: Tensor = self.unet(**_unflatten(structure, tensors)).sample.clone()
+                self._graphs[key] = self._capture(key, structure, tensors, rewind=True)
+                return out
+        for static, fresh in zip(entry.inputs, tensors, strict=True):
+            static.copy_(fresh)
+        if self._converted:
+            ctx = get_context(self.unet)
+            ctx.begin_step(sample.shape[2], sample.shape[3], None)
+            entry.graph.replay()
+            ctx.end_step()
+        else:
+            entry.graph.replay()
+        return entry.output.clone()
+
+    def _capture(self, key: tuple[Any, ...], structure: Any, tensors: list[Tensor], *, rewind: bool = False) -> _Graph:
+        static = [t.clone() for t in tensors]
+        ctx = get_context(self.unet) if self._converted else None
+        if ctx is not None and rewind:
+            ctx.step -= 1  # capture the step that just ran eagerly again (recording only; nothing executes)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.unet(**_unflatten(structure, static)).sample
+        if ctx is not None and not rewind:
+            ctx.step -= 1  # the capture did not compute the step; the replay below does
+        logger.debug("pcpp: captured a CUDA graph for %s", key[0])
+        entry = _Graph(graph, static, output)
+        self._graphs[key] = entry
+        return entry
