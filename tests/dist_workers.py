@@ -281,3 +281,51 @@ def many_loops(rank: int, world: int, cases: list[Case]) -> list[dict[str, float
         eps_err = max(float((a - b).norm() / b.norm()) for a, b in zip(r["eps"], r["ref_eps"], strict=True))
         report.append({"x": float((r["x"] - r["ref_x"]).norm() / r["ref_x"].norm()), "eps": eps_err})
     return report
+
+
+def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[str, Any]:
+    """On CUDA: the same DDIM loop eager, from CUDA graphs, and (optionally) compiled under graphs."""
+    from pcpp.cuda_graph import CUDAGraphUNet
+
+    device = torch.device("cuda", rank)
+    results: dict[str, Any] = {}
+    variants = ["eager", "graphs"] + (["compiled"] if compile_ else [])
+    for variant in variants:
+        unet = build_unet(case).to(device)
+        pcpp.convert(unet, comm=comm_for_cuda(case, world), detect_new_image=False, **case.convert)
+        runner: Any = unet
+        if variant != "eager":
+            runner = CUDAGraphUNet(torch.compile(unet) if variant == "compiled" else unet)
+        x, kwargs = inputs(case, unet)
+        x = x.to(device)
+        kwargs = {
+            k: (v.to(device) if isinstance(v, Tensor) else {a: b.to(device) for a, b in v.items()})
+            for k, v in kwargs.items()
+        }
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+        scheduler.set_timesteps(case.steps, device=device)
+        eps_all = []
+        for image in range(2):  # the second image replays the graphs captured during the first
+            pcpp.reset(unet)
+            xi = x.clone()
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    out = runner(torch.cat([xi, xi]), t, **kwargs)
+                    eps = out if isinstance(out, Tensor) else out.sample
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + 5.0 * (cond - uncond)
+                    if image == 1:
+                        eps_all.append(eps.cpu())
+                    xi = scheduler.step(eps, t, xi).prev_sample
+        results[variant] = eps_all
+        if variant != "eager":
+            runner.release()
+    return results
+
+
+def comm_for_cuda(case: Case, world: int) -> Any:
+    if not case.cfg_split:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cuda", (2, world // 2), mesh_dim_names=("cfg", "patch"))

@@ -9,6 +9,7 @@ import io
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -31,11 +32,14 @@ def _worker(
     args: tuple[Any, ...],
     results: Any,
     timeout_s: float,
+    backend: str,
 ) -> None:
     try:
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
@@ -54,9 +58,14 @@ def _worker(
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0, group_timeout: float = 60.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    group_timeout: float = 60.0,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo process group.
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process group.
 
     The processes meet through a ``file://`` rendezvous (no ports). ``fn`` must be importable (defined at module
     level) and return picklable values (CPU tensors are fine).
@@ -67,6 +76,7 @@ def run_distributed(
         *args: extra arguments for ``fn``, picklable.
         timeout: seconds to wait for all ranks before giving up.
         group_timeout: the process group's own timeout, in seconds.
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` uses ``cuda:r``).
 
     Returns:
         ``fn``'s return values, indexed by rank.
@@ -86,7 +96,7 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, init_file, fn, args, results, group_timeout),
+                args=(rank, world_size, init_file, fn, args, results, group_timeout, backend),
                 daemon=True,
             )
             for rank in range(world_size)
@@ -95,18 +105,30 @@ def run_distributed(
             proc.start()
         values: dict[int, Any] = {}
         failures: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        dead_since: dict[int, float] = {}
         try:
-            for _ in range(world_size):
-                rank, ok, value = results.get(timeout=timeout)
+            while len(values) + len(failures) < world_size and not failures:
+                try:
+                    rank, ok, value = results.get(timeout=1.0)
+                except queue.Empty:
+                    now = time.monotonic()
+                    reported = values.keys() | failures.keys()
+                    for rank, proc in enumerate(procs):
+                        # A dead process gets a moment for the queue's feeder to deliver a result sent before exit.
+                        dead = rank not in reported and proc.exitcode is not None
+                        if dead and now - dead_since.setdefault(rank, now) > 10:
+                            failures[rank] = f"process exited with code {proc.exitcode} without a result"
+                    if now > deadline:
+                        missing = sorted(set(range(world_size)) - reported)
+                        raise PeerTimeoutError(
+                            f"ranks {missing} of {world_size} did not finish within {timeout:g} s"
+                        ) from None
+                    continue
                 if ok:
                     values[rank] = torch.load(io.BytesIO(value), weights_only=False)
                 else:
                     failures[rank] = value
-                if not ok:
-                    break
-        except queue.Empty:
-            missing = sorted(set(range(world_size)) - values.keys() - failures.keys())
-            raise PeerTimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:g} s") from None
         finally:
             for proc in procs:
                 proc.join(timeout=5 if not failures else 1)
