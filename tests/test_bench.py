@@ -1,0 +1,138 @@
+"""The benchmark driver ``pcpp.bench`` end to end on gloo CPU ranks with a tiny SDXL-shaped UNet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcpp import bench
+from pcpp.testing import run_distributed, tiny_unet_config
+
+MODES = ["single", "floor", "exact", "full", "partial:0.3", "partial:0"]
+# With 2 ranks the CFG split leaves one strip per image, where every pcpp mode computes the same: keep the test short.
+MODES_CFG_ONLY = ["single", "floor", "exact", "partial:0"]
+
+
+def bench_worker(rank: int, world: int, argv: list[str]) -> int:
+    """One rank of ``python -m pcpp.bench`` inside an existing gloo group."""
+    return bench.main(argv)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.mark.parametrize(
+    ("world", "mesh", "modes"), [(2, {"cfg": 2, "patch": 1}, MODES_CFG_ONLY), (3, {"cfg": 1, "patch": 3}, MODES)]
+)
+def test_bench_on_gloo(tmp_path: Path, world: int, mesh: dict[str, int], modes: list[str]) -> None:
+    """2 ranks (CFG split) and 3 ranks (three strips): the report has every field, exact mode is exact, partial:0
+    sends no attention bytes after warmup, and floors and speedups are numbers."""
+    config = {"_class_name": "UNet2DConditionModel", **tiny_unet_config("sdxl")}
+    config_path = tmp_path / "tiny-sdxl.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "report.json"
+    argv = [
+        "--config", str(config_path),
+        "--device", "cpu",
+        "--dtype", "float32",
+        "--steps", "3",
+        "--warmup-steps", "1",
+        "--repeats", "1",
+        "--resolutions", "96",
+        "--modes", *modes,
+        "--no-cuda-graph",
+        "--deadline-s", "240",
+        "--pg-timeout-s", "120",
+        "--out", str(out),
+    ]  # fmt: skip
+    codes = run_distributed(bench_worker, world, argv, timeout=240, group_timeout=120)
+    assert codes == [0] * world
+
+    report = json.loads(out.read_text())
+    for key in ("environment", "settings", "unet", "timing", "fidelity_note", "results"):
+        assert key in report, key
+    assert report["environment"]["world_size"] == world
+    assert report["environment"]["mesh"] == mesh
+    res = report["results"]["96x96"]
+    assert res["latent"] == [12, 12]
+    assert set(modes) <= res["modes"].keys()
+    pcpp_modes = [m for m in modes if m not in ("single", "floor")]
+    modes = res["modes"]
+
+    single = modes["single"]
+    assert single["best_variant"] == "eager"
+    assert _is_number(single["median_ms"])
+
+    floors = modes["floor"]
+    for name in pcpp_modes:
+        assert _is_number(floors[name]["median_ms"]), name
+        assert _is_number(floors[name]["speedup_vs_single"]), name
+        assert len(floors[name]["per_rank_median_ms"]) == world
+
+    for name in pcpp_modes:
+        entry = modes[name]
+        variant = entry["variants"]["eager"]
+        assert _is_number(entry["median_ms"]), name
+        assert _is_number(entry["speedup_vs_single"]), name
+        assert _is_number(entry["floor_ms"]), name
+        assert len(variant["per_rank_median_ms"]) == world
+        assert len(variant["traffic_per_rank"]) == world
+        fidelity = variant["fidelity"]
+        assert len(fidelity["rel_l2_eps_per_step"]) == 3
+        assert all(_is_number(e) for e in fidelity["rel_l2_eps_per_step"])
+        assert fidelity["after_warmup_steps"] == [1, 2]
+        assert variant["repeat_consistency_rel_l2"] < 1e-6, name  # every image starts from the same x_T
+        assert variant["nonfinite_eps_steps"] == []
+
+    exact = modes["exact"]["variants"]["eager"]
+    assert exact["fidelity"]["rel_l2_eps_after_warmup"]["max"] < 1e-4
+    assert all(t["async"] is None for t in exact["traffic_per_rank"])  # exact: every step synchronous
+
+    for rank_traffic in modes["partial:0"]["variants"]["eager"]["traffic_per_rank"]:
+        assert rank_traffic["async"]["sent_bytes_by_kind"]["attention"] == 0
+        assert rank_traffic["async"]["received_bytes_by_kind"]["attention"] == 0
+    if mesh["patch"] > 1:
+        partial = modes["partial:0.3"]["variants"]["eager"]["traffic_per_rank"]
+        assert all(t["async"]["sent_bytes_by_kind"]["attention"] > 0 for t in partial)  # neighbour rows after warmup
+        sync = modes["partial:0"]["variants"]["eager"]["traffic_per_rank"][0]["sync"]
+        assert sync["sent_bytes_by_kind"]["attention"] > 0  # warmup steps gather every strip
+    else:
+        sync = modes["partial:0"]["variants"]["eager"]["traffic_per_rank"][0]["sync"]
+        assert sync["sent_bytes_by_kind"]["attention"] == 0  # a CFG split alone has no strips to exchange
+        assert sync["sent_bytes_by_kind"]["output"] > 0  # only the CFG halves are gathered
+
+
+def test_parse_modes_and_resolutions() -> None:
+    """Mode and size parsing, with readable errors."""
+    assert bench.parse_mode("partial:0.30").name == "partial:0.3"
+    assert bench.parse_mode("partial") == bench.ModeSpec(name="partial:0.3", kind="pcpp", partial=0.3)
+    assert bench.parse_mode("full").full
+    assert bench.parse_mode("exact").exact
+    assert bench.parse_resolution("1024") == (1024, 1024)
+    assert bench.parse_resolution("768x1024") == (768, 1024)
+    for bad in ("partial:2", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_mode(bad)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_resolution("1001")
+    args = bench.parse_args(["--device", "cpu", "--modes", "single", "floor", "full"])
+    assert [m.name for m in args.floor_modes] == ["full"]
+    assert not args.cuda_graph
+    assert args.dtype == "float32"
+
+
+def test_floor_widening() -> None:
+    """Floor key widths: every other strip, or ceil(p * rows) of each existing neighbour, at every level."""
+    rows = (8, 4, 4)
+    assert bench.widening_table(rows, 0, 16, 2, "all") == {8 * 16: 8 * 16, 4 * 8: 4 * 8, 2 * 4: 2 * 4}
+    assert bench.widening_table(rows, 1, 16, 2, "partial:0.3") == {4 * 16: 5 * 16, 2 * 8: 3 * 8, 1 * 4: 2 * 4}
+    assert bench.widening_table(rows, 2, 16, 2, "partial:0") == {4 * 16: 0, 2 * 8: 0, 1 * 4: 0}
+    schedule = bench.floor_schedule(bench.parse_mode("partial:0.3"), steps=6, sync_steps=2)
+    assert schedule == ["all", "all"] + ["partial:0.3"] * 4
+    assert bench.floor_schedule(bench.parse_mode("full"), steps=3, sync_steps=1) == ["all"] * 3
