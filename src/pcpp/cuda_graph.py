@@ -122,15 +122,10 @@ class CUDAGraphUNet:
         key = (phase, repr(structure), tuple((tuple(t.shape), t.dtype) for t in tensors))
         entry = self._graphs.get(key)
         if entry is None:
-            if phase == "async":
-                # Communicators and persistent buffers were set up by the eager synchronous step. Capturing runs the
-                # hooks, which open and close a step; rewind it so that the replay below counts as that step.
-                entry = self._capture(key, structure, tensors)
-            else:
-                # Eager first: warms up communicators and allocates the buffers the graphs will share.
-                out: Tensor = self.unet(**_unflatten(structure, tensors)).sample.clone()
-                self._graphs[key] = self._capture(key, structure, tensors, rewind=True)
-                return out
+            # Eager first: warms up communicators (and torch.compile), allocates the buffers the graphs share.
+            out: Tensor = self.unet(**_unflatten(structure, tensors)).sample.clone()
+            self._capture(key, structure, tensors)
+            return out
         for static, fresh in zip(entry.inputs, tensors, strict=True):
             static.copy_(fresh)
         if self._converted:
@@ -142,17 +137,15 @@ class CUDAGraphUNet:
             entry.graph.replay()
         return entry.output.clone()
 
-    def _capture(self, key: tuple[Any, ...], structure: Any, tensors: list[Tensor], *, rewind: bool = False) -> _Graph:
+    def _capture(self, key: tuple[Any, ...], structure: Any, tensors: list[Tensor]) -> _Graph:
         static = [t.clone() for t in tensors]
         ctx = get_context(self.unet) if self._converted else None
-        if ctx is not None and rewind:
+        if ctx is not None:
             ctx.step -= 1  # capture the step that just ran eagerly again (recording only; nothing executes)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = self.unet(**_unflatten(structure, static)).sample
-        if ctx is not None and not rewind:
-            ctx.step -= 1  # the capture did not compute the step; the replay below does
         logger.debug("pcpp: captured a CUDA graph for %s", key[0])
         entry = _Graph(graph, static, output)
         self._graphs[key] = entry
