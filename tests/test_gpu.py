@@ -9,36 +9,34 @@ import pcpp
 from dist_workers import Case, graphs_vs_eager
 from pcpp.testing import run_distributed
 
+FULL = {"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL}
+
 
 def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+FULL = {"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL}
+SDXL = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
+
+
 @pytest.mark.multigpu
 @pytest.mark.parametrize(
-    ("world", "case"),
+    ("world", "case", "compile_"),
     [
-        (2, Case(family="sdxl", height=32, width=32, steps=8, convert={"warmup_steps": 2, "partial": 0.3})),
-        (4, Case(family="sdxl", height=32, width=32, steps=8, cfg_split=True, convert={"warmup_steps": 2})),
-        (
-            2,
-            Case(
-                family="sd15",
-                height=32,
-                width=32,
-                steps=8,
-                convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL},
-            ),
-        ),
+        (2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3}), False),
+        (4, Case(**SDXL, cfg_split=True, convert={"warmup_steps": 2}), False),
+        (2, Case(family="sd15", height=32, width=32, steps=8, convert=FULL), False),
+        pytest.param(2, Case(**SDXL, convert={"warmup_steps": 2}), True, marks=pytest.mark.slow),
     ],
 )
-def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case) -> None:
+def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case, compile_: bool) -> None:
     """A whole loop replayed from per-phase CUDA graphs equals the eager loop (same kernels, same order: fp32
     results agree to 1e-6), and torch.compile under graphs agrees to 1e-3 (inductor fuses and reorders fp32
     arithmetic; the guided noise is amplified x11 by CFG)."""
     if _gpus() < world:
         pytest.skip(f"needs {world} GPUs")
-    results = run_distributed(graphs_vs_eager, world, case, world == 2, backend="nccl", timeout=900)
+    results = run_distributed(graphs_vs_eager, world, case, compile_, backend="nccl", timeout=900)
     for result in results:
         for eager, graphed in zip(result["eager"], result["graphs"], strict=True):
             torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)

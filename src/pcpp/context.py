@@ -26,6 +26,9 @@ class StatefulLayer(Protocol):
     def join(self) -> None:
         """Make the current stream wait for this layer's exchange in flight."""
 
+    def stamp(self, image: int, step: int) -> None:
+        """Record that a CUDA-graph replay produced this layer's activations of ``(image, step)``."""
+
     def release_state(self) -> None:
         """Wait for anything in flight and free the layer's buffers."""
 
@@ -194,6 +197,12 @@ class PatchContext:
         if self.join_at_step_end:
             for layer in self._layers:
                 layer.join()
+        self.step += 1
+
+    def end_replayed_step(self) -> None:
+        """Close a step that a CUDA graph replayed: the host did not run the layers, so stamp their state."""
+        for layer in self._layers:
+            layer.stamp(self.image, self.step)
         self.step += 1
 
     def drain(self) -> None:

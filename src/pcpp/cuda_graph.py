@@ -132,7 +132,7 @@ class CUDAGraphUNet:
             ctx = get_context(self.unet)
             ctx.begin_step(sample.shape[2], sample.shape[3], None)
             entry.graph.replay()
-            ctx.end_step()
+            ctx.end_replayed_step()
         else:
             entry.graph.replay()
         return entry.output.clone()

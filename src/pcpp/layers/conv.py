@@ -121,6 +121,10 @@ class PartialPatchConv2d(nn.Conv2d):
         self._exchange: tuple[list[ConvHalo], Tensor | None, Tensor | None] = ([], None, None)
         self._tag = context.register(self)
 
+    def stamp(self, image: int, step: int) -> None:
+        """Record that a graph replay produced this layer's previous-step activations at ``(image, step)``."""
+        self._state.tag = (image, step)
+
     def join(self) -> None:
         """Wait (on the current stream) for the exchange in flight, if any."""
         self._state.wait()
