@@ -11,6 +11,7 @@ from dist_workers import (
     many_loops,
     one_rank_skips,
     repeated_input,
+    resolution_change,
     traffic,
     two_images,
     two_modes,
@@ -149,3 +150,11 @@ def test_silent_peer_raises_peer_timeout_instead_of_hanging() -> None:
     assert results[1] == "skipped"
     assert results[0].startswith("timeout:"), results[0]
     assert "did not answer within 2 s" in results[0]
+
+
+def test_resolution_may_change_between_images() -> None:
+    """Buffers are rebuilt when the latent size changes (and back): every loop still matches the plain UNet."""
+    sizes = [(16, 12), (24, 8), (16, 12)]
+    cases = [Case(family="tiny", height=h, width=w, steps=3, convert=EXACT) for h, w in sizes]
+    for errors in run_distributed(resolution_change, 3, cases):
+        assert max(errors) < EXACT_RTOL, errors
