@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg-split", action="store_true", help="split the CFG batch over 2 groups (even worlds)")
     parser.add_argument("--no-reference", action="store_true", help="skip the single-device comparison")
     parser.add_argument("--out", default="pcpp.png", help="where rank 0 saves the image (PNG)")
+    parser.add_argument("--report", default=None, help="rank 0 also writes the timings and comparison as JSON here")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="longest wait on a peer")
     return parser
 
@@ -63,8 +65,10 @@ def _init_distributed(timeout: timedelta) -> tuple[int, int, torch.device, bool]
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank() if dist.is_initialized() else 0), world, device, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, False
+    if world == 1:
+        return 0, 1, device, False
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device, True
 
@@ -137,7 +141,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     try:
         unet, run = _tiny_runner(args, device) if args.model == "tiny" else _pipeline_runner(args, device)
         reference = None
-        if not args.no_reference:
+        # Only rank 0 reports the comparison, so only it computes the reference; the others wait at the first
+        # exchange of the parallel run (bounded by --timeout-s).
+        if not args.no_reference and rank == 0:
             start = time.perf_counter()
             reference = run()
             logger.info("single device: %.2f s", time.perf_counter() - start)
@@ -165,13 +171,17 @@ def generate_main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             save_png(image, args.out)
             logger.info("saved %s", args.out)
+            report: dict[str, Any] = {"world": world, "mode": mode, "seconds": elapsed, "image": str(args.out)}
             if reference is not None:
-                diff = float((image - reference).abs().max())
+                report["psnr_db"] = _psnr(image, reference)
+                report["max_abs_diff"] = float((image - reference).abs().max())
                 logger.info(
                     "against the single-device image: PSNR %.2f dB, max abs difference %.3g (pixels in [0, 1])",
-                    _psnr(image, reference),
-                    diff,
+                    report["psnr_db"],
+                    report["max_abs_diff"],
                 )
+            if args.report:
+                Path(args.report).write_text(json.dumps(report, indent=2))
     finally:
         if own_group:
             dist.destroy_process_group()
