@@ -30,6 +30,7 @@ __all__ = [
     "render_scenes",
     "sample_scenes",
     "scene_captions",
+    "shape_sdf",
 ]
 
 COLORS: Final = MappingProxyType(
@@ -243,8 +244,18 @@ def _triangle(px: Tensor, py: Tensor, r: Tensor) -> Tensor:
     return -torch.sqrt(x * x + y * y) * torch.sign(y)
 
 
-def _shape_sdf(shape: Tensor, px: Tensor, py: Tensor, r: Tensor) -> Tensor:
-    """Signed distance (image units, negative inside) of each scene's shape; ``px, py`` relative to its centre."""
+def shape_sdf(shape: Tensor, px: Tensor, py: Tensor, r: Tensor) -> Tensor:
+    """Signed distance (negative inside) to each scene's shape, in the units of the coordinates.
+
+    Args:
+        shape: ``(B,)`` int64 indices into :data:`SHAPES`.
+        px: ``(B, H, W)`` x offsets from each shape's centre.
+        py: ``(B, H, W)`` y offsets (downwards) from each shape's centre.
+        r: ``(B, 1, 1)`` shape radii.
+
+    Returns:
+        ``(B, H, W)`` signed distances.
+    """
     dist = torch.sqrt(px * px + py * py)
     sdfs = torch.stack(
         [
@@ -315,10 +326,10 @@ def render_scenes(scenes: SceneBatch, height: int, width: int) -> Tensor:
         r = scenes.radius[:, k].view(b, 1, 1)
         shape = scenes.shape[:, k]
         offset = 0.12 * r
-        d_shadow = _shape_sdf(shape, x - cx - offset, y - cy - offset, r)
+        d_shadow = shape_sdf(shape, x - cx - offset, y - cy - offset, r)
         shadow = 0.35 * torch.sigmoid(-d_shadow / (0.08 * r)).unsqueeze(1) * active
         image = image * (1 - shadow)
-        d = _shape_sdf(shape, x - cx, y - cy, r)
+        d = shape_sdf(shape, x - cx, y - cy, r)
         cover = (0.5 - d * scale).clamp(0, 1).unsqueeze(1) * active
         light = 1 + 0.12 * (-(x - cx) - (y - cy)).unsqueeze(1) / r.unsqueeze(1)
         fill = (col(scenes.color[:, k], scenes.jitter[:, k]) * light).clamp(0, 1)

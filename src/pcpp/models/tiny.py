@@ -53,10 +53,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GUIDANCE: Final = 3.0
+DEFAULT_GUIDANCE: Final = 2.0
 """Classifier-free guidance scale used by :func:`sample` unless told otherwise."""
 
 UNET_DIR: Final = "unet"
+UNET_WEIGHTS: Final = "diffusion_pytorch_model.safetensors"
 TEXT_ENCODER_FILE: Final = "text_encoder.safetensors"
 TEXT_ENCODER_CONFIG: Final = "text_encoder.json"
 SCHEDULER_DIR: Final = "scheduler"
@@ -324,35 +325,48 @@ def weights_dir() -> Path:
     return Path(str(resources.files("pcpp.models").joinpath("weights")))
 
 
+def _cpu_state(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+
+
 def save_tiny(
     directory: str | Path,
-    unet: UNet2DConditionModel,
+    unet: nn.Module,
     text_encoder: TinyTextEncoder,
     scheduler: DDIMScheduler,
     dtype: torch.dtype = torch.float16,
 ) -> None:
     """Saves a model in the layout :func:`load_tiny` reads.
 
-    ``unet/`` (diffusers ``save_pretrained``: ``config.json`` + safetensors), ``text_encoder.safetensors`` +
+    ``unet/`` (as diffusers' ``save_pretrained`` lays it out: ``config.json`` +
+    ``diffusion_pytorch_model.safetensors``, so ``UNet2DConditionModel.from_pretrained`` reads it too),
+    ``text_encoder.safetensors`` +
     ``text_encoder.json``, and ``scheduler/scheduler_config.json``. Weights are stored as ``dtype`` (float16 by
     default, to keep the package small).
 
     Args:
         directory: Target folder (created if missing).
-        unet: The UNet.
+        unet: The UNet (a :class:`~diffusers.UNet2DConditionModel`).
         text_encoder: The text encoder.
         scheduler: The scheduler.
         dtype: Storage dtype of the weights.
+
+    Raises:
+        TypeError: If ``unet`` is not a diffusers UNet2DConditionModel.
     """
+    if not isinstance(unet, UNet2DConditionModel):
+        raise TypeError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+    diffusers_unet: Any = unet  # diffusers' mixins are opaque to mypy
+    diffusers_scheduler: Any = scheduler
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    unet_copy = UNet2DConditionModel.from_config(unet.config)
-    unet_copy.load_state_dict(unet.state_dict())
-    unet_copy.to(dtype).save_pretrained(directory / UNET_DIR, safe_serialization=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in text_encoder.state_dict().items()}
-    save_file(state, str(directory / TEXT_ENCODER_FILE))
+    unet_dir = directory / UNET_DIR
+    unet_dir.mkdir(exist_ok=True)
+    diffusers_unet.save_config(unet_dir)  # config.json, as save_pretrained writes it
+    save_file(_cpu_state(unet, dtype), str(unet_dir / UNET_WEIGHTS), metadata={"format": "pt"})
+    save_file(_cpu_state(text_encoder, dtype), str(directory / TEXT_ENCODER_FILE), metadata={"format": "pt"})
     (directory / TEXT_ENCODER_CONFIG).write_text(text_encoder.config.to_json() + "\n")
-    scheduler.save_pretrained(directory / SCHEDULER_DIR)
+    diffusers_scheduler.save_pretrained(directory / SCHEDULER_DIR)
     logger.info("saved tiny model to %s", directory)
 
 
@@ -377,17 +391,14 @@ def load_tiny(
     root = Path(directory) if directory is not None else weights_dir()
     target = torch.device(device) if device is not None else torch.device("cpu")
     unet_dir = root / UNET_DIR
-    needed = [unet_dir / "config.json", root / TEXT_ENCODER_FILE, root / TEXT_ENCODER_CONFIG]
+    needed = [unet_dir / "config.json", unet_dir / UNET_WEIGHTS, root / TEXT_ENCODER_FILE, root / TEXT_ENCODER_CONFIG]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"tiny model files missing: {missing}")
 
     unet_config_dict = json.loads((unet_dir / "config.json").read_text())
     unet = UNet2DConditionModel.from_config(unet_config_dict)
-    weight_files = sorted(unet_dir.glob("*.safetensors"))
-    if not weight_files:
-        raise FileNotFoundError(f"no safetensors weights in {unet_dir}")
-    unet.load_state_dict(load_file(str(weight_files[0])))
+    unet.load_state_dict(load_file(str(unet_dir / UNET_WEIGHTS)))
 
     te_config = TinyTextEncoderConfig.from_json((root / TEXT_ENCODER_CONFIG).read_text())
     text_encoder = TinyTextEncoder(te_config)
@@ -397,7 +408,8 @@ def load_tiny(
     scheduler = DDIMScheduler.from_pretrained(root / SCHEDULER_DIR) if scheduler_file.is_file() else build_scheduler()
 
     for module in (unet, text_encoder):
-        module.to(device=target, dtype=dtype).eval().requires_grad_(False)
+        # nn.Module.to: diffusers' override warns about fp32-only modules, which this UNet has none of.
+        nn.Module.to(module, device=target, dtype=dtype).eval().requires_grad_(False)
     logger.debug("loaded tiny model from %s on %s (%s)", root, target, dtype)
     return TinyModel(unet=unet, text_encoder=text_encoder, tokenizer=text_encoder.tokenizer(), scheduler=scheduler)
 
@@ -417,7 +429,8 @@ def encode_prompts(model: TinyModel, prompts: Sequence[str]) -> Tensor:
     """
     ids = model.tokenizer(prompts).to(model.device)
     with torch.no_grad():
-        return model.text_encoder(ids)
+        context: Tensor = model.text_encoder(ids)
+    return context
 
 
 @torch.no_grad()
@@ -462,16 +475,17 @@ def sample(
         raise ValueError(f"steps must be at least 1, got {steps}")
     n = len(prompts)
     context = torch.cat([encode_prompts(model, [""] * n), encode_prompts(model, prompts)])
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    trained: Any = model.scheduler  # diffusers' mixins are opaque to mypy
+    scheduler: Any = DDIMScheduler.from_config(trained.config)
     scheduler.set_timesteps(steps, device=model.device)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, 3, height, width), generator=generator, device=generator.device, dtype=torch.float32)
-    x = noise.to(model.device) * scheduler.init_noise_sigma
+    x: Tensor = noise.to(model.device) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(torch.cat([x, x]), t).to(model.dtype)
-        out = model.unet(x_in, t, encoder_hidden_states=context).sample.float()
-        uncond, cond = out.chunk(2)
+        out: Tensor = model.unet(x_in, t, encoder_hidden_states=context).sample
+        uncond, cond = out.float().chunk(2)
         guided = uncond + guidance * (cond - uncond)
         x = scheduler.step(guided, t, x).prev_sample
-    return ((x.clamp(-1, 1) + 1) / 2).float()
+    return (x.clamp(-1, 1) + 1) / 2
