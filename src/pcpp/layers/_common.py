@@ -11,7 +11,7 @@ from ..comm.base import Handle
 from ..context import PatchContext
 from ..errors import PCPPError
 
-__all__ = ["StepBuffers", "is_capturing", "require_geometry", "share_module"]
+__all__ = ["PatchLayerState", "StepBuffers", "is_capturing", "require_geometry", "share_module"]
 
 
 def is_capturing() -> bool:
@@ -71,19 +71,13 @@ class StepBuffers:
         self.pending: Handle | None = None
         self.tag: tuple[int, int] | None = None
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A persistent buffer named ``name`` of ``shape`` with ``like``'s dtype and device."""
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, *, zeros: bool = False) -> Tensor:
+        """A persistent buffer named ``name`` of ``shape`` with ``like``'s dtype and device (zero-filled when
+        first allocated if ``zeros``, for image-edge padding)."""
         buf = self._tensors.get(name)
         if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-            self._tensors[name] = buf
-        return buf
-
-    def zeros(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A persistent all-zero buffer (for image-edge padding)."""
-        buf = self._tensors.get(name)
-        if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            make = torch.zeros if zeros else torch.empty
+            buf = make(shape, dtype=like.dtype, device=like.device)
             self._tensors[name] = buf
         return buf
 
@@ -122,3 +116,38 @@ class StepBuffers:
         self.wait()
         self._tensors.clear()
         self.tag = None
+
+
+class PatchLayerState:
+    """What every parallel layer shares: its context, its name, its previous-step buffers and its message tag.
+
+    Mixed into the layers (before the torch module they subclass); :meth:`_attach` is called once by each layer's
+    constructor and ``from_*`` factory. The methods below are what :class:`~pcpp.context.PatchContext` calls.
+    """
+
+    context: PatchContext
+    pcpp_name: str
+    _state: StepBuffers
+    _tag: int
+
+    def _attach(self, context: PatchContext, name: str) -> None:
+        self.pcpp_name = name or type(self).__name__
+        self.context = context
+        self._state = StepBuffers()
+        self._tag = context.register(self)
+
+    def reset_state(self) -> None:
+        """Wait for the exchange in flight and mark the previous-step activations as belonging to no step."""
+        self._state.reset()
+
+    def release_state(self) -> None:
+        """Wait for the exchange in flight and free the buffers."""
+        self._state.release()
+
+    def join(self) -> None:
+        """Wait (on the current stream) for the exchange in flight, if any."""
+        self._state.wait()
+
+    def stamp(self, image: int, step: int) -> None:
+        """Record that a graph replay produced this layer's previous-step activations at ``(image, step)``."""
+        self._state.tag = (image, step)

@@ -14,7 +14,7 @@ from ..context import Geometry, PatchContext
 from ..errors import ConversionError, PCPPError
 from ..functional import partial_rows
 from ..stats import LayerKind
-from ._common import StepBuffers, require_geometry, share_module
+from ._common import PatchLayerState, require_geometry, share_module
 
 __all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention"]
 
@@ -22,7 +22,7 @@ SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0)
 """Processors whose maths :class:`PartialPatchAttention` reproduces (plain softmax attention)."""
 
 
-class PartialPatchAttention(Attention):
+class PartialPatchAttention(PatchLayerState, Attention):
     """A diffusers self-``Attention`` over one horizontal strip of the image.
 
     Queries are the strip's own tokens. Keys and values (projected, so each rank projects only its own tokens)
@@ -81,27 +81,8 @@ class PartialPatchAttention(Attention):
         return new
 
     def _setup(self, context: PatchContext, name: str) -> None:
-        self.pcpp_name = name or type(self).__name__
-        check_supported(self, self.pcpp_name)
-        self.context = context
-        self._state = StepBuffers()
-        self._tag = context.register(self)
-
-    def stamp(self, image: int, step: int) -> None:
-        """Record that a graph replay produced this layer's previous-step activations at ``(image, step)``."""
-        self._state.tag = (image, step)
-
-    def join(self) -> None:
-        """Wait (on the current stream) for the exchange in flight, if any."""
-        self._state.wait()
-
-    def release_state(self) -> None:
-        """Wait for the exchange in flight and free the buffers."""
-        self._state.release()
-
-    def reset_state(self) -> None:
-        """Wait for the exchange in flight and forget previous-step keys and values."""
-        self._state.reset()
+        check_supported(self, name or type(self).__name__)
+        self._attach(context, name)
 
     def forward(
         self,

@@ -14,7 +14,7 @@ from ..context import Geometry, PatchContext
 from ..errors import ConversionError, PCPPError
 from ..functional import ConvHalo, conv_halo
 from ..stats import LayerKind
-from ._common import StepBuffers, require_geometry, share_module
+from ._common import PatchLayerState, require_geometry, share_module
 
 __all__ = ["PartialPatchConv2d"]
 
@@ -35,7 +35,7 @@ def _resolve_padding(conv: nn.Conv2d, where: str) -> tuple[int, int, int, int]:
     return ph, ph, pw, pw
 
 
-class PartialPatchConv2d(nn.Conv2d):
+class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
     """A ``Conv2d`` applied to one horizontal strip, with halo rows from the strips above and below.
 
     In synchronous steps the halo rows are this step's, exchanged point-to-point before the convolution, so the
@@ -109,33 +109,14 @@ class PartialPatchConv2d(nn.Conv2d):
         return new
 
     def _setup(self, context: PatchContext, *, entry: bool, row_padding: tuple[int, int], name: str) -> None:
-        self.pcpp_name = name or type(self).__name__
-        pad_top, pad_bottom, pad_left, pad_right = _resolve_padding(self, self.pcpp_name)
-        self.context = context
+        pad_top, pad_bottom, pad_left, pad_right = _resolve_padding(self, name or type(self).__name__)
         self.entry = entry
         self.row_padding = (int(row_padding[0]), int(row_padding[1]))
         self._pads = (pad_top + self.row_padding[0], pad_bottom + self.row_padding[1])
         self._width_pad = (pad_left, pad_right)
-        self._state = StepBuffers()
         self._plans: dict[tuple[int, int], list[ConvHalo]] = {}
         self._exchange: tuple[list[ConvHalo], Tensor | None, Tensor | None] = ([], None, None)
-        self._tag = context.register(self)
-
-    def stamp(self, image: int, step: int) -> None:
-        """Record that a graph replay produced this layer's previous-step activations at ``(image, step)``."""
-        self._state.tag = (image, step)
-
-    def join(self) -> None:
-        """Wait (on the current stream) for the exchange in flight, if any."""
-        self._state.wait()
-
-    def release_state(self) -> None:
-        """Wait for the exchange in flight and free the buffers."""
-        self._state.release()
-
-    def reset_state(self) -> None:
-        """Wait for the exchange in flight and forget previous-step rows."""
-        self._state.reset()
+        self._attach(context, name)
 
     def _halos(self, geo: Geometry, level: int, height: int) -> list[ConvHalo]:
         key = (level, height)
@@ -236,14 +217,14 @@ class PartialPatchConv2d(nn.Conv2d):
             state.require_previous_step(ctx, self.pcpp_name)
         parts: list[Tensor] = []
         if mine.zeros_top:
-            parts.append(state.zeros("zt", (batch, channels, mine.zeros_top, width), strip))
+            parts.append(state.get("zt", (batch, channels, mine.zeros_top, width), strip, zeros=True))
         if recv_up is not None:
             parts.append(recv_up)
         parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
         if recv_down is not None:
             parts.append(recv_down)
         if mine.zeros_bottom:
-            parts.append(state.zeros("zb", (batch, channels, mine.zeros_bottom, width), strip))
+            parts.append(state.get("zb", (batch, channels, mine.zeros_bottom, width), strip, zeros=True))
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     @torch.compiler.disable

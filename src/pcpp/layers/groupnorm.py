@@ -13,14 +13,14 @@ from ..config import Phase
 from ..context import PatchContext
 from ..functional import corrected_group_stats, group_norm_from_stats, local_group_stats, merge_group_stats
 from ..stats import LayerKind
-from ._common import StepBuffers, share_module
+from ._common import PatchLayerState, share_module
 
 __all__ = ["AsyncGroupNorm"]
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncGroupNorm(nn.GroupNorm):
+class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
     """``GroupNorm`` over an image split into strips, one per rank.
 
     Each rank computes per-group count, mean and biased variance of its strip in float32. In synchronous steps
@@ -64,26 +64,7 @@ class AsyncGroupNorm(nn.GroupNorm):
         return new
 
     def _setup(self, context: PatchContext, name: str) -> None:
-        self.pcpp_name = name or type(self).__name__
-        self.context = context
-        self._state = StepBuffers()
-        self._tag = context.register(self)
-
-    def stamp(self, image: int, step: int) -> None:
-        """Record that a graph replay produced this layer's previous-step activations at ``(image, step)``."""
-        self._state.tag = (image, step)
-
-    def join(self) -> None:
-        """Wait (on the current stream) for the exchange in flight, if any."""
-        self._state.wait()
-
-    def release_state(self) -> None:
-        """Wait for the exchange in flight and free the buffers."""
-        self._state.release()
-
-    def reset_state(self) -> None:
-        """Wait for the gather in flight and forget previous-step statistics."""
-        self._state.reset()
+        self._attach(context, name)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise this rank's strip with whole-image statistics.
