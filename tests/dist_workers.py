@@ -73,12 +73,13 @@ def ddim_loop(unet: torch.nn.Module, case: Case) -> tuple[Tensor, list[Tensor]]:
     return x, eps_all
 
 
-def comm_for(case: Case, world: int) -> Any:
+def comm_for(case: Case, world: int, device: str = "cpu") -> Any:
+    """The default group, or a ("cfg", "patch") mesh when the case splits the CFG batch."""
     if not case.cfg_split:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("cfg", "patch"))
+    return init_device_mesh(device, (2, world // 2), mesh_dim_names=("cfg", "patch"))
 
 
 def loop_vs_reference(rank: int, world: int, case: Case) -> dict[str, Any]:
@@ -292,7 +293,7 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
     variants = ["eager", "graphs"] + (["compiled"] if compile_ else [])
     for variant in variants:
         unet = build_unet(case).to(device)
-        pcpp.convert(unet, comm=comm_for_cuda(case, world), detect_new_image=False, **case.convert)
+        pcpp.convert(unet, comm=comm_for(case, world, "cuda"), detect_new_image=False, **case.convert)
         runner: Any = unet
         if variant != "eager":
             runner = CUDAGraphUNet(torch.compile(unet) if variant == "compiled" else unet)
@@ -321,24 +322,3 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
         if variant != "eager":
             runner.release()
     return results
-
-
-def comm_for_cuda(case: Case, world: int) -> Any:
-    if not case.cfg_split:
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh("cuda", (2, world // 2), mesh_dim_names=("cfg", "patch"))
-
-
-def resolution_change(rank: int, world: int, cases: list[Case]) -> list[float]:
-    """One converted UNet runs loops at several resolutions in turn; relative error of each against the plain UNet."""
-    unet = build_unet(cases[0])
-    plain = build_unet(cases[0])
-    pcpp.convert(unet, comm=comm_for(cases[0], world), **cases[0].convert)
-    errors = []
-    for case in cases:
-        ref_x, _ = ddim_loop(plain, case)
-        x, _ = ddim_loop(unet, case)
-        errors.append(float((x - ref_x).norm() / ref_x.norm()))
-    return errors

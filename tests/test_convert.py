@@ -243,3 +243,20 @@ def test_layers_outside_a_step_explain_what_to_do() -> None:
     ctx.end_step()  # step 1 is asynchronous, but this layer holds nothing from step 0
     with pytest.raises(pcpp.PCPPError, match=r"previous-step activations are from \(image, step\)=None"):
         conv(torch.zeros(1, 2, 4, 4))
+
+
+def test_upcoming_phase_predicts_begin_step_without_changing_state() -> None:
+    """What the CUDA-graph runner asks before picking a graph: the phase begin_step would open, read-only."""
+    ctx = pcpp.PatchContext(pcpp.PCPPConfig(warmup_steps=2), LocalCommunicator(), unit=1, levels=0)
+    seen = []
+    for t in (900.0, 800.0, 700.0, 950.0):
+        state = (ctx.image, ctx.step, ctx._pending_reset, ctx._last_timestep)
+        predicted = ctx.upcoming_phase(8, 8, t)
+        assert (ctx.image, ctx.step, ctx._pending_reset, ctx._last_timestep) == state  # nothing changed
+        ctx.begin_step(8, 8, t)
+        assert ctx.phase is predicted
+        seen.append((ctx.image, ctx.step, predicted.value))
+        ctx.end_step()
+    assert seen == [(0, 0, "sync"), (0, 1, "sync"), (0, 2, "async"), (1, 0, "sync")]
+    assert ctx.upcoming_phase(16, 8, None) is pcpp.Phase.SYNC  # a new size starts a new image
+    assert ctx.upcoming_phase(8, 8, None) is pcpp.Phase.SYNC  # step 1 of image 1, still warmup

@@ -180,17 +180,40 @@ class PatchContext:
             SplitError: the latent cannot be split.
         """
         self.geometry_for(height, width)
-        if (
-            self.config.detect_new_image
-            and timestep is not None
-            and self._last_timestep is not None
-            and timestep > self._last_timestep
-        ):
+        if self._timestep_went_up(timestep):
             self._pending_reset = True
         self._last_timestep = timestep
         if self._pending_reset:
             self._start_image()
         self.stats.begin_step(image=self.image, step=self.step, phase=self.phase.value)
+
+    def _timestep_went_up(self, timestep: float | None) -> bool:
+        return (
+            self.config.detect_new_image
+            and timestep is not None
+            and self._last_timestep is not None
+            and timestep > self._last_timestep
+        )
+
+    def upcoming_phase(self, height: int, width: int, timestep: float | None) -> Phase:
+        """The phase that :meth:`begin_step` with these arguments would open, without changing any state.
+
+        Args:
+            height: latent height of the coming call.
+            width: latent width of the coming call.
+            timestep: its timestep, or ``None`` if it cannot be read without a host synchronisation.
+
+        Returns:
+            The phase of the coming step (a new image, size or timestep rise means step 0).
+        """
+        geo = self.geometry
+        new_image = (
+            self._pending_reset
+            or geo is None
+            or (geo.height, geo.width) != (height, width)
+            or self._timestep_went_up(timestep)
+        )
+        return self.config.phase_of(0 if new_image else self.step)
 
     def end_step(self) -> None:
         """Advance to the next step of the current image (joining exchanges if ``join_at_step_end``)."""

@@ -88,18 +88,10 @@ class CUDAGraphUNet:
         self._graphs.clear()
         torch.cuda.synchronize()
 
-    def _phase_key(self, sample: Tensor, timestep: Any) -> str:
-        if not self._converted:
-            return "plain"
-        ctx = get_context(self.unet)
-        if ctx.config.detect_new_image and not (isinstance(timestep, Tensor) and timestep.is_cuda):
-            value = float(timestep)
-            last = ctx._last_timestep
-            if last is not None and value > last:
-                ctx.request_reset()
-        geo = ctx.geometry
-        new_image = ctx._pending_reset or geo is None or (geo.height, geo.width) != tuple(sample.shape[2:])
-        return ctx.config.phase_of(0 if new_image else ctx.step).value
+    @staticmethod
+    def _host_timestep(timestep: Tensor) -> float | None:
+        """The timestep's value if reading it costs no host synchronisation (a CPU tensor), else ``None``."""
+        return None if timestep.is_cuda else float(timestep.reshape(-1)[0])
 
     def __call__(self, sample: Tensor, timestep: Any, **kwargs: Any) -> Tensor:
         """Run one UNet call; returns the noise prediction (``.sample``) as a new tensor.
@@ -113,10 +105,12 @@ class CUDAGraphUNet:
             The UNet's output sample.
         """
         if not isinstance(timestep, Tensor):
-            timestep = torch.tensor(timestep, device=sample.device)
-        elif not timestep.is_cuda:
-            timestep = timestep.to(sample.device)
-        phase = self._phase_key(sample, timestep)
+            timestep = torch.tensor(timestep)
+        host_t = self._host_timestep(timestep)
+        timestep = timestep.to(sample.device)
+        ctx = get_context(self.unet) if self._converted else None
+        height, width = sample.shape[2], sample.shape[3]
+        phase = ctx.upcoming_phase(height, width, host_t).value if ctx is not None else "plain"
         tensors: list[Tensor] = []
         structure = _flatten({"sample": sample, "timestep": timestep, **kwargs}, tensors)
         key = (phase, repr(structure), tuple((tuple(t.shape), t.dtype) for t in tensors))
@@ -128,9 +122,8 @@ class CUDAGraphUNet:
             return out
         for static, fresh in zip(entry.inputs, tensors, strict=True):
             static.copy_(fresh)
-        if self._converted:
-            ctx = get_context(self.unet)
-            ctx.begin_step(sample.shape[2], sample.shape[3], None)
+        if ctx is not None:
+            ctx.begin_step(height, width, host_t)
             entry.graph.replay()
             ctx.end_replayed_step()
         else:

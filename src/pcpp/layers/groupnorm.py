@@ -45,7 +45,7 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
 
     def __init__(self, *args: Any, context: PatchContext, name: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._setup(context, name)
+        self._attach(context, name)
 
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, context: PatchContext, *, name: str = "") -> AsyncGroupNorm:
@@ -60,11 +60,8 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
             The parallel norm; ``norm`` itself is left unchanged.
         """
         new = share_module(norm, cls)
-        new._setup(context, name)
+        new._attach(context, name)
         return new
-
-    def _setup(self, context: PatchContext, name: str) -> None:
-        self._attach(context, name)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise this rank's strip with whole-image statistics.
