@@ -322,3 +322,16 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
         if variant != "eager":
             runner.release()
     return results
+
+
+def resolution_change(rank: int, world: int, cases: list[Case]) -> list[float]:
+    """One converted UNet runs loops at several resolutions in turn; relative error of each against the plain UNet."""
+    unet = build_unet(cases[0])
+    plain = build_unet(cases[0])
+    pcpp.convert(unet, comm=comm_for(cases[0], world), **cases[0].convert)
+    errors = []
+    for case in cases:
+        ref_x, _ = ddim_loop(plain, case)
+        x, _ = ddim_loop(unet, case)
+        errors.append(float((x - ref_x).norm() / ref_x.norm()))
+    return errors
