@@ -59,6 +59,7 @@ def convert(
     exact: bool = False,
     timeout: timedelta = timedelta(minutes=5),
     detect_new_image: bool = True,
+    fused_norm: bool = True,
 ) -> M:
     """Convert a diffusers UNet in place to Partially Conditioned Patch Parallelism, and return it.
 
@@ -81,6 +82,7 @@ def convert(
         timeout: longest wait on a peer before :class:`pcpp.PeerTimeoutError` (host-side waits; see
             :class:`pcpp.PCPPConfig`).
         detect_new_image: start a new image when the timestep goes up between calls.
+        fused_norm: on CUDA, fuse GroupNorm's arithmetic into Triton kernels (see :class:`pcpp.PCPPConfig`).
 
     Returns:
         ``unet`` itself, converted.
@@ -103,6 +105,7 @@ def convert(
         exact=exact,
         timeout=timeout,
         detect_new_image=detect_new_image,
+        fused_norm=fused_norm,
     )
     supported = _supported_unet_types()
     if not isinstance(unet, supported):

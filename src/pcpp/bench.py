@@ -629,6 +629,12 @@ def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool) -> tuple[Deno
         import torch._dynamo
 
         torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
+        # A converted UNet breaks the graph at every exchange, so one resume function serves many layers of
+        # different shapes; the default limit (8 per code object) would silently leave the rest uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 8192
+        )
         target = torch.compile(unet, dynamic=False)
     den: Denoiser
     if graph:

@@ -6,10 +6,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from .comm.base import PatchCommunicator
 from .config import PCPPConfig, Phase
 from .errors import PCPPError
 from .functional import partition_rows
+from .kernels import NormOps, fusion_available
 from .stats import CommStats
 
 __all__ = ["Geometry", "PatchContext", "StatefulLayer"]
@@ -128,6 +131,8 @@ class PatchContext:
         self._layers: list[StatefulLayer] = []
         self._last_timestep: float | None = None
         self._pending_reset = True
+        self._plain_norm = NormOps.plain()
+        self._fused_norm: NormOps | None = None
         self.join_at_step_end = False
         """Join every exchange in flight at the end of each step (required for CUDA-graph capture, where a graph
         must not leave work pending; communication then overlaps with the rest of its own step only)."""
@@ -136,6 +141,14 @@ class PatchContext:
     def phase(self) -> Phase:
         """The phase of the current step."""
         return self.config.phase_of(self.step)
+
+    def norm_ops(self, device: torch.device) -> NormOps:
+        """The GroupNorm arithmetic for activations on ``device``: fused on CUDA (if configured), else plain."""
+        if not (self.config.fused_norm and device.type == "cuda"):
+            return self._plain_norm
+        if self._fused_norm is None:
+            self._fused_norm = NormOps.fused() if fusion_available(device) else self._plain_norm
+        return self._fused_norm
 
     def register(self, layer: StatefulLayer) -> int:
         """Make ``layer`` forget its state whenever a new image starts.

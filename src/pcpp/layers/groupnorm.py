@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..comm.base import Handle
 from ..config import Phase
 from ..context import PatchContext
-from ..functional import corrected_group_stats, group_norm_from_stats, local_group_stats, merge_group_stats
+from ..kernels import NormOps
 from ..stats import LayerKind
 from ._common import PatchLayerState, share_module
 
@@ -77,12 +77,13 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
         comm = ctx.patch
         if comm.world_size == 1:
             return super().forward(x)
-        fresh = local_group_stats(x, self.num_groups)
-        mean, var = self._image_stats(fresh)
-        return group_norm_from_stats(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
+        ops = ctx.norm_ops(x.device)
+        fresh = ops.local_stats(x, self.num_groups)
+        mean, var = self._image_stats(fresh, ops)
+        return ops.normalize(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
-    def _image_stats(self, fresh: Tensor) -> tuple[Tensor, Tensor]:
+    def _image_stats(self, fresh: Tensor, ops: NormOps) -> tuple[Tensor, Tensor]:
         """Whole-image mean and variance for this step, from this strip's fresh statistics."""
         ctx, state = self.context, self._state
         comm = ctx.patch
@@ -90,10 +91,10 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
         state.wait()
         if ctx.phase is Phase.SYNC:
             self._post(gathered, fresh).wait()
-            mean, var = merge_group_stats(gathered.view(comm.world_size, *fresh.shape))
+            mean, var = ops.merged_stats(gathered.view(comm.world_size, *fresh.shape))
         else:
             state.require_previous_step(ctx, self.pcpp_name)
-            mean, var, fell_back = corrected_group_stats(gathered.view(comm.world_size, *fresh.shape), comm.rank, fresh)
+            mean, var, fell_back = ops.corrected_stats(gathered.view(comm.world_size, *fresh.shape), comm.rank, fresh)
             if logger.isEnabledFor(logging.DEBUG) and bool(fell_back.any()):
                 logger.debug(
                     "%s: corrected variance < 0 in %d groups; used the local variance",
