@@ -263,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time torch.compile variants (single, and every pcpp mode); compiling SDXL takes minutes",
     )
     parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="time pcpp modes only compiled (implies --compile for them; single keeps --single-variants)",
+    )
+    parser.add_argument(
+        "--compile-floor",
+        action="store_true",
+        help="measure the floor with torch.compile (the compiled strip alone), to put beside compiled pcpp rows",
+    )
+    parser.add_argument(
         "--floor-warmup-steps",
         type=int,
         default=None,
@@ -617,7 +627,7 @@ _LIVE: list[Denoiser] = []
 """Every denoiser made and not yet released, so that graphs go before the process group on any exit."""
 
 
-def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool) -> tuple[Denoiser, float]:
+def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool, reset_dynamo: bool = True) -> tuple[Denoiser, float]:
     """Wrap ``unet`` (optionally ``torch.compile`` of it) in a CUDA-graph or eager denoiser.
 
     Returns:
@@ -628,13 +638,12 @@ def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool) -> tuple[Deno
     if compile_:
         import torch._dynamo
 
-        torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
+        if reset_dynamo:
+            torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
         # A converted UNet breaks the graph at every exchange, so one resume function serves many layers of
         # different shapes; the default limit (8 per code object) would silently leave the rest uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 8192
-        )
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8192)
         target = torch.compile(unet, dynamic=False)
     den: Denoiser
     if graph:
@@ -1169,7 +1178,9 @@ class Bench:
                 for spec in set(schedule):
                     state.tables[spec] = widening_table(rows, index, width, self.levels, spec)
                     if spec not in denoisers:
-                        denoisers[spec], _ = make_denoiser(self.unet, graph=args.cuda_graph, compile_=False)
+                        denoisers[spec], _ = make_denoiser(
+                            self.unet, graph=args.cuda_graph, compile_=args.compile_floor, reset_dynamo=not denoisers
+                        )
                 key = tuple(schedule)
                 if key in measured:  # e.g. exact and full read the same keys at every step
                     results[mode.name] = dict(measured[key], mode=mode.name, same_as=measured[key]["mode"])
@@ -1219,8 +1230,8 @@ class Bench:
 
     def pcpp_variants(self) -> list[str]:
         """Variants of every pcpp mode."""
-        names = ["graph" if self.args.cuda_graph else "eager"]
-        if self.args.compile:
+        names = [] if self.args.compile_only else ["graph" if self.args.cuda_graph else "eager"]
+        if self.args.compile or self.args.compile_only:
             names.append("compile+graph" if self.args.cuda_graph else "compile")
         return names
 

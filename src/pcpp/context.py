@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from .comm.base import PatchCommunicator
 from .config import PCPPConfig, Phase
@@ -131,6 +133,7 @@ class PatchContext:
         self._layers: list[StatefulLayer] = []
         self._last_timestep: float | None = None
         self._pending_reset = True
+        self._scratch: list[Tensor] = []
         self._plain_norm = NormOps.plain()
         self._fused_norm: NormOps | None = None
         self.join_at_step_end = False
@@ -149,6 +152,27 @@ class PatchContext:
         if self._fused_norm is None:
             self._fused_norm = NormOps.fused() if fusion_available(device) else self._plain_norm
         return self._fused_norm
+
+    def scratch(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer of ``shape`` shared by every layer, for data that no layer keeps beyond its own call.
+
+        The buffer grows to the largest request and is never freed before :meth:`drain`: captured CUDA graphs
+        hold its address, so an outgrown one is kept too (growth happens in the first step of an image size,
+        normally at its first request).
+
+        Args:
+            shape: the shape wanted.
+            like: a tensor whose dtype and device the buffer takes.
+
+        Returns:
+            A view of the shared buffer; its contents are undefined.
+        """
+        numel = math.prod(shape)
+        buf = self._scratch[-1] if self._scratch else None
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._scratch.append(buf)
+        return buf[:numel].view(shape)
 
     def register(self, layer: StatefulLayer) -> int:
         """Make ``layer`` forget its state whenever a new image starts.
@@ -245,4 +269,5 @@ class PatchContext:
         """Wait for every operation in flight, free all buffers, and start a new image at the next call."""
         for layer in self._layers:
             layer.release_state()
+        self._scratch.clear()
         self._pending_reset = True

@@ -185,16 +185,22 @@ class PartialPatchAttention(PatchLayerState, Attention):
         return f"{self.pcpp_name} ({purpose}, step {self.context.step})"
 
     def _gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """Blocking all-gather of every strip's K/V, padded to the tallest strip."""
-        gathered = self._post_gather(kv, rows, width)
+        """Blocking all-gather of every strip's K/V, padded to the tallest strip.
+
+        With partial conditioning nothing of it outlives this call (the rows the next step reads are copied out),
+        so it lands in the context's scratch buffer, shared by all layers; with full conditioning it is the
+        layer's own buffer, which the first asynchronous step reads.
+        """
+        gathered = self._post_gather(kv, rows, width, scratch=self.context.config.conditioning is Conditioning.PARTIAL)
         self._state.wait()
         return gathered
 
-    def _post_gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+    def _post_gather(self, kv: Tensor, rows: tuple[int, ...], width: int, *, scratch: bool = False) -> Tensor:
         comm = self.context.patch
         tokens = max(rows) * width
         padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else kv
-        out = self._state.get("all", (comm.world_size * kv.shape[0], tokens, kv.shape[2]), kv)
+        shape = (comm.world_size * kv.shape[0], tokens, kv.shape[2])
+        out = self.context.scratch(shape, kv) if scratch else self._state.get("all", shape, kv)
         nbytes = padded.numel() * padded.element_size()
         self.context.stats.record(
             LayerKind.ATTENTION, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)

@@ -115,7 +115,6 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         self._pads = (pad_top + self.row_padding[0], pad_bottom + self.row_padding[1])
         self._width_pad = (pad_left, pad_right)
         self._plans: dict[tuple[int, int], list[ConvHalo]] = {}
-        self._exchange: tuple[list[ConvHalo], Tensor | None, Tensor | None] = ([], None, None)
         self._attach(context, name)
 
     def _halos(self, geo: Geometry, level: int, height: int) -> list[ConvHalo]:
@@ -191,15 +190,18 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
     def _strip_forward(self, x: Tensor, geo: Geometry) -> Tensor:
         top_pre, bottom_pre = self.row_padding
         strip = x[:, :, top_pre : x.shape[2] - bottom_pre] if (top_pre or bottom_pre) else x
-        out = self._conv(self._with_halo(strip, geo))
-        self._after_conv(strip)
-        return out
+        return self._conv(self._with_halo(strip, geo))
 
-    # The two halves below hold every phase-dependent branch and all communication. They are opaque to
-    # torch.compile (a graph break each), so compiled code between them never guards on the step counter.
+    # Every phase-dependent branch and all communication sit in this one method. It is opaque to torch.compile
+    # (one graph break per conv), so compiled code around it never guards on the step counter.
     @torch.compiler.disable
     def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
-        """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv."""
+        """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv.
+
+        In asynchronous steps this step's boundary rows are posted for the neighbours' next step right after the
+        halo was assembled (so before the conv runs): the assembly has read the receive buffers by then, in
+        stream order on a GPU and in program order on a CPU, and the exchange overlaps with the conv itself.
+        """
         ctx, state = self.context, self._state
         rank = ctx.patch.rank
         level = geo.level_of(rank, strip.shape[2])
@@ -209,9 +211,9 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         batch, channels, width = strip.shape[0], strip.shape[1], strip.shape[3]
         recv_up = state.get("up", (batch, channels, mine.from_above, width), strip) if mine.from_above else None
         recv_down = state.get("down", (batch, channels, mine.from_below, width), strip) if mine.from_below else None
-        self._exchange = (plans, recv_up, recv_down)
         state.wait()
-        if ctx.phase is Phase.SYNC:
+        sync = ctx.phase is Phase.SYNC
+        if sync:
             self._post(strip, plans, recv_up, recv_down).wait()
         else:
             state.require_previous_step(ctx, self.pcpp_name)
@@ -225,17 +227,11 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
             parts.append(recv_down)
         if mine.zeros_bottom:
             parts.append(state.get("zb", (batch, channels, mine.zeros_bottom, width), strip, zeros=True))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    @torch.compiler.disable
-    def _after_conv(self, strip: Tensor) -> None:
-        """In asynchronous steps, post this step's boundary rows for the neighbours' next step."""
-        ctx = self.context
-        if ctx.phase is Phase.ASYNC:
-            # Posted after the conv has read the receive buffers (stream order on GPU, program order on CPU).
-            plans, recv_up, recv_down = self._exchange
-            self._state.pending = self._post(strip, plans, recv_up, recv_down)
-        self._state.tag = (ctx.image, ctx.step)
+        padded = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        if not sync:
+            state.pending = self._post(strip, plans, recv_up, recv_down)
+        state.tag = (ctx.image, ctx.step)
+        return padded
 
     def _post(self, strip: Tensor, plans: list[ConvHalo], recv_up: Tensor | None, recv_down: Tensor | None) -> Handle:
         comm = self.context.patch
