@@ -135,6 +135,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run the whole plain single-GPU denoising loop and compare final latents",
     )
     parser.add_argument(
+        "--save-weights",
+        type=Path,
+        default=None,
+        help="rank 0 saves the random UNet's state dict here (torch.save), for pcpp.bench --weights",
+    )
+    parser.add_argument(
         "--keep-transformers",
         action="store_true",
         help="let diffusers 0.24 import transformers (by default it is hidden: no text encoder is needed)",
@@ -726,6 +732,10 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
     config = load_unet_config(args.config)
     unet = build_unet(stack, config, args.seed, device, dtype, init_on_device=args.init_device == "gpu")
     setup_s["build"] = time.perf_counter() - tick
+    if args.save_weights is not None and rank == 0:
+        # So that pcpp's bench (--weights) runs on these exact weights and the fidelity columns pair up.
+        torch.save(unet.state_dict(), args.save_weights)
+        LOG.info("weights saved to %s", args.save_weights)
     n_params = sum(p.numel() for p in unet.parameters())
     checksums = [c[0] for c in all_gather_floats([weight_checksum(unet)], device)]
     # Different weights differ at the first digits; the tolerance only absorbs reduction-order noise.

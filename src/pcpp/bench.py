@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-images", type=int, default=1, help="untimed images before the timed ones")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, latents and embeddings")
     parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="load the UNet's weights from this state dict (torch.save) instead of the seeded random ones",
+    )
+    parser.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu", help="device"
     )
     parser.add_argument(
@@ -1011,6 +1017,11 @@ class Bench:
         self.config = load_unet_config(args.config)
         tick = time.perf_counter()
         self.unet = build_unet(self.config, args.seed, self.device, self.dtype, args.init_device == "device")
+        if args.weights is not None:
+            # e.g. the weights DistriFusion's runner drew (its --save-weights), so fidelity numbers pair up.
+            state = torch.load(args.weights, map_location=self.device, weights_only=True)
+            self.unet.load_state_dict(state, strict=True)
+            del state
         build_s = time.perf_counter() - tick
         checksums = [c[0] for c in all_gather_floats([weight_checksum(self.unet)], self.device)]
         if any(abs(c - checksums[0]) > 1e-9 * max(1.0, abs(checksums[0])) for c in checksums):
@@ -1397,10 +1408,7 @@ class Bench:
                         res["modes"]["single"] = self.run_single(inputs, label)
                     elif mode.kind == "floor":
                         res["modes"]["floor"] = self.run_floor(inputs, rows, label)
-                    elif lay.world == 1:
-                        LOG.warning("%s: %s skipped: one rank, nothing to split", label, mode.name)
-                        res["modes"][mode.name] = {"skipped": "one rank: single-GPU only"}
-                    else:
+                    else:  # on one rank this measures what pcpp costs where nothing is split
                         res["modes"][mode.name] = self.run_pcpp(mode, inputs, label)
                     res["modes"][mode.name]["wall_s"] = time.perf_counter() - tick
                     add_speedups(res)
