@@ -335,3 +335,11 @@ def resolution_change(rank: int, world: int, cases: list[Case]) -> list[float]:
         x, _ = ddim_loop(unet, case)
         errors.append(float((x - ref_x).norm() / ref_x.norm()))
     return errors
+
+
+def attention_buffers(rank: int, world: int, case: Case) -> list[list[str]]:
+    """Run a loop; return the names of the buffers each self-attention layer keeps afterwards."""
+    unet = build_unet(case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    ddim_loop(unet, case)
+    return [sorted(m._state._tensors) for m in unet.modules() if isinstance(m, pcpp.layers.PartialPatchAttention)]

@@ -136,3 +136,32 @@ def test_floor_widening() -> None:
     schedule = bench.floor_schedule(bench.parse_mode("partial:0.3"), steps=6, sync_steps=2)
     assert schedule == ["all", "all"] + ["partial:0.3"] * 4
     assert bench.floor_schedule(bench.parse_mode("full"), steps=3, sync_steps=1) == ["all"] * 3
+
+
+def test_bench_one_rank_with_given_weights(tmp_path: Path) -> None:
+    """One rank: pcpp modes run (nothing is split, so they reproduce the plain UNet), on weights loaded with
+    --weights (what the DistriFusion runner's --save-weights writes) instead of the seeded random ones."""
+    import torch
+
+    config = {"_class_name": "UNet2DConditionModel", **tiny_unet_config("sdxl")}
+    config_path = tmp_path / "tiny-sdxl.json"
+    config_path.write_text(json.dumps(config))
+    unet = bench.build_unet(config, 123, torch.device("cpu"), torch.float32, on_device=False)
+    weights = tmp_path / "weights.pt"
+    torch.save(unet.state_dict(), weights)
+    out = tmp_path / "report.json"
+    argv = [
+        "--config", str(config_path), "--device", "cpu", "--dtype", "float32", "--steps", "3",
+        "--warmup-steps", "1", "--repeats", "1", "--resolutions", "64", "--modes", "single", "partial:0.3",
+        "--no-cuda-graph", "--weights", str(weights), "--deadline-s", "120", "--out", str(out),
+    ]  # fmt: skip
+    assert run_distributed(bench_worker, 1, argv, timeout=150) == [0]
+    modes = json.loads(out.read_text())["results"]["64x64"]["modes"]
+    variant = modes["partial:0.3"]["variants"]["eager"]
+    assert variant["fidelity"]["rel_l2_eps_after_warmup"]["max"] < 1e-6  # one rank: the plain UNet's output
+    assert _is_number(modes["single"]["median_ms"])
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"not_a_key": torch.zeros(1)}, wrong)
+    argv[argv.index(str(weights))] = str(wrong)
+    assert run_distributed(bench_worker, 1, argv, timeout=150) != [0]  # strict loading: a wrong file fails

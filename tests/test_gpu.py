@@ -9,8 +9,6 @@ import pcpp
 from dist_workers import Case, graphs_vs_eager
 from pcpp.testing import run_distributed
 
-FULL = {"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL}
-
 
 def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,43 @@
+"""Memory: what the layers keep between steps, and the context's shared scratch buffer."""
+
+from __future__ import annotations
+
+import torch
+
+import pcpp
+from dist_workers import Case, attention_buffers
+from pcpp.comm import LocalCommunicator
+from pcpp.context import PatchContext
+from pcpp.testing import run_distributed
+
+
+def test_scratch_is_one_growing_buffer_kept_for_graphs() -> None:
+    ctx = PatchContext(pcpp.PCPPConfig(), LocalCommunicator(), unit=1, levels=0)
+    like = torch.zeros(1)
+    small = ctx.scratch((2, 3), like)
+    again = ctx.scratch((3, 2), like)
+    assert again.data_ptr() == small.data_ptr()  # one buffer, reused by every layer
+    big = ctx.scratch((4, 5), like)
+    assert big.shape == (4, 5)
+    assert big.numel() == 20
+    # The outgrown buffer stays alive: a captured CUDA graph may still hold its address.
+    assert len(ctx._scratch) == 2
+    assert ctx.scratch((2, 2), like).data_ptr() == big.data_ptr()
+    assert ctx.scratch((2,), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    ctx.drain()
+    assert ctx._scratch == []
+
+
+def test_partial_conditioning_keeps_only_neighbour_rows() -> None:
+    """After a loop, partial conditioning's attention layers hold only the neighbour rows the next step reads
+    (the synchronous steps' every-strip K/V went through the shared scratch buffer); full conditioning keeps
+    every strip's K/V per layer, which its asynchronous steps read."""
+    partial = Case(height=16, width=8, steps=3, convert={"warmup_steps": 2, "partial": 0.5})
+    full = Case(height=16, width=8, steps=3, convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL})
+    for layers in run_distributed(attention_buffers, 2, partial):
+        assert layers
+        assert all("all" not in names for names in layers)
+        assert all(names for names in layers)  # each keeps its neighbour's rows ("up" or "down")
+    for layers in run_distributed(attention_buffers, 2, full):
+        assert layers
+        assert all("all" in names for names in layers)
