@@ -55,8 +55,12 @@ def inputs(case: Case, unet: torch.nn.Module) -> tuple[Tensor, dict[str, Any]]:
     return x, kwargs
 
 
-def ddim_loop(unet: torch.nn.Module, case: Case) -> tuple[Tensor, list[Tensor]]:
-    """A DDIM loop with classifier-free guidance; returns the final latent and every step's guided noise."""
+def ddim_loop(unet: torch.nn.Module, case: Case, model: Any = None) -> tuple[Tensor, list[Tensor]]:
+    """A DDIM loop with classifier-free guidance; returns the final latent and every step's guided noise.
+
+    ``model`` is what is called (e.g. ``torch.compile(unet)``); ``unet`` by default.
+    """
+    model = unet if model is None else model
     x, kwargs = inputs(case, unet)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     scheduler.set_timesteps(case.steps)
@@ -64,7 +68,7 @@ def ddim_loop(unet: torch.nn.Module, case: Case) -> tuple[Tensor, list[Tensor]]:
     with torch.no_grad():
         for t in scheduler.timesteps:
             batch_in = torch.cat([x, x]) if case.guidance is not None else x
-            eps = unet(batch_in, t, **kwargs).sample
+            eps = model(batch_in, t, **kwargs).sample
             if case.guidance is not None:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + case.guidance * (cond - uncond)
@@ -343,3 +347,25 @@ def attention_buffers(rank: int, world: int, case: Case) -> list[list[str]]:
     pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
     ddim_loop(unet, case)
     return [sorted(m._state._tensors) for m in unet.modules() if isinstance(m, pcpp.layers.PartialPatchAttention)]
+
+
+def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[str, Any]:
+    """The same loop eager and under ``torch.compile`` (two images, the second reusing the compiled graphs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet = build_unet(case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    eager_x, _ = ddim_loop(unet, case)
+    compiled = torch.compile(unet, backend=backend, dynamic=False)
+    finals = []
+    for _ in range(2):
+        pcpp.reset(unet)
+        finals.append(ddim_loop(unet, case, compiled)[0])
+    return {
+        "eager": eager_x,
+        "compiled": finals,
+        "graphs": counters["stats"]["unique_graphs"],
+        "breaks": sum(counters["graph_break"].values()),
+    }

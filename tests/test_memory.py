@@ -21,11 +21,18 @@ def test_scratch_is_one_growing_buffer_kept_for_graphs() -> None:
     assert big.shape == (4, 5)
     assert big.numel() == 20
     # The outgrown buffer stays alive: a captured CUDA graph may still hold its address.
-    assert len(ctx._scratch) == 2
+    assert len(ctx._scratch[(torch.float32, like.device)]) == 2
     assert ctx.scratch((2, 2), like).data_ptr() == big.data_ptr()
-    assert ctx.scratch((2,), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    # One buffer per dtype: alternating dtypes reuse theirs instead of stacking new ones.
+    double = torch.zeros(1, dtype=torch.float64)
+    assert ctx.scratch((2,), double).dtype == torch.float64
+    assert ctx.scratch((2, 2), like).data_ptr() == big.data_ptr()
+    assert ctx.scratch((2,), double).data_ptr() == ctx.scratch((1,), double).data_ptr()
+    assert [len(v) for v in ctx._scratch.values()] == [2, 1]
+    generation = ctx.generation
     ctx.drain()
-    assert ctx._scratch == []
+    assert ctx._scratch == {}
+    assert ctx.generation == generation + 1  # CUDAGraphUNet recaptures: its graphs used the freed buffers
 
 
 def test_partial_conditioning_keeps_only_neighbour_rows() -> None:

@@ -636,6 +636,12 @@ _LIVE: list[Denoiser] = []
 def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool, reset_dynamo: bool = True) -> tuple[Denoiser, float]:
     """Wrap ``unet`` (optionally ``torch.compile`` of it) in a CUDA-graph or eager denoiser.
 
+    Args:
+        unet: the (converted or plain) UNet.
+        graph: replay from CUDA graphs (:class:`pcpp.cuda_graph.CUDAGraphUNet`) rather than call eagerly.
+        compile_: wrap ``torch.compile(unet, dynamic=False)``.
+        reset_dynamo: start from an empty Dynamo cache (off when several denoisers share one compilation).
+
     Returns:
         The denoiser and the seconds spent building it (compilation itself happens at the first calls).
     """
@@ -646,8 +652,8 @@ def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool, reset_dynamo:
 
         if reset_dynamo:
             torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
-        # A converted UNet breaks the graph at every exchange, so one resume function serves many layers of
-        # different shapes; the default limit (8 per code object) would silently leave the rest uncompiled.
+        # Headroom for the UNet hooks' resume functions across phases and shapes; the default limit (8 per code
+        # object) silently leaves code uncompiled once reached.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 8192)
         target = torch.compile(unet, dynamic=False)

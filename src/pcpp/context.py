@@ -133,7 +133,10 @@ class PatchContext:
         self._layers: list[StatefulLayer] = []
         self._last_timestep: float | None = None
         self._pending_reset = True
-        self._scratch: list[Tensor] = []
+        self._scratch: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self._tokens: dict[torch.device, Tensor] = {}
+        self.generation = 0
+        """Counts :meth:`drain` calls: buffers made before a drain are gone, so graphs that use them are stale."""
         self._plain_norm = NormOps.plain()
         self._fused_norm: NormOps | None = None
         self.join_at_step_end = False
@@ -145,20 +148,12 @@ class PatchContext:
         """The phase of the current step."""
         return self.config.phase_of(self.step)
 
-    def norm_ops(self, device: torch.device) -> NormOps:
-        """The GroupNorm arithmetic for activations on ``device``: fused on CUDA (if configured), else plain."""
-        if not (self.config.fused_norm and device.type == "cuda"):
-            return self._plain_norm
-        if self._fused_norm is None:
-            self._fused_norm = NormOps.fused() if fusion_available(device) else self._plain_norm
-        return self._fused_norm
-
     def scratch(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A buffer of ``shape`` shared by every layer, for data that no layer keeps beyond its own call.
 
-        The buffer grows to the largest request and is never freed before :meth:`drain`: captured CUDA graphs
-        hold its address, so an outgrown one is kept too (growth happens in the first step of an image size,
-        normally at its first request).
+        One buffer per dtype and device grows to the largest request and is never freed before :meth:`drain`:
+        captured CUDA graphs hold its address, so an outgrown one is kept too (growth happens in the first step
+        of an image size, normally at its first request).
 
         Args:
             shape: the shape wanted.
@@ -168,11 +163,42 @@ class PatchContext:
             A view of the shared buffer; its contents are undefined.
         """
         numel = math.prod(shape)
-        buf = self._scratch[-1] if self._scratch else None
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._scratch.append(buf)
-        return buf[:numel].view(shape)
+        buffers = self._scratch.setdefault((like.dtype, like.device), [])
+        if not buffers or buffers[-1].numel() < numel:
+            buffers.append(torch.empty(numel, dtype=like.dtype, device=like.device))
+        return buffers[-1][:numel].view(shape)
+
+    def order_token(self, device: torch.device) -> Tensor:
+        """The one-element tensor that pcpp's torch.compile operators all declare they mutate, on ``device``.
+
+        Sharing it keeps the operators in program order and alive under Inductor (see :mod:`pcpp.layers._ops`).
+
+        Args:
+            device: where the activations live.
+
+        Returns:
+            The token (its value is never read).
+        """
+        token = self._tokens.get(device)
+        if token is None:
+            token = self._tokens[device] = torch.zeros(1, device=device)
+        return token
+
+    def norm_ops(self, device: torch.device) -> NormOps:
+        """The GroupNorm arithmetic for activations on ``device``.
+
+        Args:
+            device: where the activations live.
+
+        Returns:
+            The fused functions on CUDA when ``fused_norm`` is on and Triton works there; the plain functions
+            otherwise, and always under ``torch.compile`` (the enclosing compilation fuses them itself).
+        """
+        if torch.compiler.is_compiling() or not (self.config.fused_norm and device.type == "cuda"):
+            return self._plain_norm
+        if self._fused_norm is None:
+            self._fused_norm = NormOps.fused() if fusion_available(device) else self._plain_norm
+        return self._fused_norm
 
     def register(self, layer: StatefulLayer) -> int:
         """Make ``layer`` forget its state whenever a new image starts.
@@ -270,4 +296,5 @@ class PatchContext:
         for layer in self._layers:
             layer.release_state()
         self._scratch.clear()
+        self.generation += 1
         self._pending_reset = True

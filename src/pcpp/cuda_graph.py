@@ -75,8 +75,11 @@ class CUDAGraphUNet:
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self._converted = is_converted(unet)
+        self._generation = 0
         if self._converted:
-            get_context(unet).join_at_step_end = True
+            context = get_context(unet)
+            context.join_at_step_end = True
+            self._generation = context.generation
 
     def reset(self) -> None:
         """Start a new image at the next call."""
@@ -109,6 +112,10 @@ class CUDAGraphUNet:
         host_t = self._host_timestep(timestep)
         timestep = timestep.to(sample.device)
         ctx = get_context(self.unet) if self._converted else None
+        if ctx is not None and ctx.generation != self._generation:
+            # pcpp.configure (or another drain) freed the buffers the graphs write to: capture them again.
+            self._graphs.clear()
+            self._generation = ctx.generation
         height, width = sample.shape[2], sample.shape[3]
         phase = ctx.upcoming_phase(height, width, host_t).value if ctx is not None else "plain"
         tensors: list[Tensor] = []

@@ -58,6 +58,9 @@ class UNetHooks:
             handle.remove()
         self._handles = []
 
+    # Host bookkeeping (step counter, phase, image detection) stays out of compiled graphs: traced, it would make
+    # Dynamo guard on the phase and compile the UNet once per phase.
+    @torch.compiler.disable
     def _pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[()], dict[str, Any]]:
@@ -77,6 +80,7 @@ class UNetHooks:
             _timestep_value(arguments.get("timestep")) if ctx.config.detect_new_image and not is_capturing() else None
         )
         ctx.begin_step(sample.shape[2], sample.shape[3], timestep)
+        ctx.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
         geo = ctx.geometry
         assert geo is not None
         if self.groups.cfg_split:

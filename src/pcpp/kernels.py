@@ -33,9 +33,12 @@ def fusion_available(device: torch.device) -> bool:
         device: where the activations live.
 
     Returns:
-        ``True`` on CUDA devices when ``triton`` can be imported.
+        ``True`` on CUDA devices of compute capability 7.0 or newer (what Triton supports) when ``triton`` can
+        be imported.
     """
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,11 @@ class NormOps:
 
     @classmethod
     def plain(cls) -> NormOps:
-        """The functions as written: eager PyTorch ops, any device."""
+        """The functions as written: eager PyTorch ops, any device.
+
+        Returns:
+            The plain :class:`NormOps`.
+        """
         return cls(local_group_stats, merge_group_stats, corrected_group_stats, group_norm_from_stats)
 
     @classmethod
@@ -72,6 +79,9 @@ class NormOps:
 
         Compilation happens at each function's first call per input signature, which must not be inside a
         CUDA-graph capture: run one eager step per phase first (:class:`pcpp.cuda_graph.CUDAGraphUNet` does).
+
+        Returns:
+            The compiled :class:`NormOps` (nothing is compiled until a function is first called).
         """
         options: dict[str, Any] = {"dynamic": True, "fullgraph": True}
         logger.debug("pcpp: GroupNorm arithmetic runs as fused kernels (torch.compile)")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..comm.base import Handle
 from ..context import PatchContext
 from ..errors import PCPPError
+from . import _ops
 
 __all__ = ["PatchLayerState", "StepBuffers", "is_capturing", "require_geometry", "share_module"]
 
@@ -129,12 +130,27 @@ class PatchLayerState:
     pcpp_name: str
     _state: StepBuffers
     _tag: int
+    _handle: int
+    _owned_sends: bool = False
+    """Set while a torch.compile operator runs the layer: its inputs' memory may be reused once it returns."""
 
     def _attach(self, context: PatchContext, name: str) -> None:
         self.pcpp_name = name or type(self).__name__
         self.context = context
         self._state = StepBuffers()
         self._tag = context.register(self)
+        self._handle = _ops.register(self)  # how the torch.compile operators find this layer
+
+    def _send_copy(self, tensor: Tensor) -> Tensor:
+        """``tensor`` as an exchange may read it after this layer returns.
+
+        Eagerly a contiguous view is enough (the caching allocator and NCCL keep a live tensor's memory). Inside
+        a torch.compile operator it must be a copy: Inductor may reuse the operator's inputs' memory as soon as
+        the operator returns, while the send still reads it.
+        """
+        if self._owned_sends:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        return tensor.contiguous()
 
     def reset_state(self) -> None:
         """Wait for the exchange in flight and mark the previous-step activations as belonging to no step."""

@@ -134,13 +134,39 @@ class PartialPatchAttention(PatchLayerState, Attention):
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = self.to_q(hidden_states)
-        key = self.to_k(hidden_states)
-        value = self.to_v(hidden_states)
-        inner = key.shape[-1]
         # Keys and values travel together: one exchange per layer instead of two.
-        kv = self._context_kv(torch.cat([key, value], dim=-1), geo, level, width)
-        key, value = kv.split([inner, value.shape[-1]], dim=-1)
+        kv = torch.cat([self.to_k(hidden_states), self.to_v(hidden_states)], dim=-1)
+        if torch.compiler.is_compiling():
+            # One opaque operator: no graph break, and its output shape is the same in every phase.
+            token = self.context.order_token(kv.device)
+            out = torch.ops.pcpp.strip_attention(query, kv, token, self._handle, level, width)
+        else:
+            out = self._attend(query, kv, level, width)
+        out = self.to_out[0](out)
+        out = self.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(residual.shape)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
 
+    def _attend(self, query: Tensor, kv: Tensor, level: int, width: int) -> Tensor:
+        """Scaled dot-product attention of the strip's queries over the keys and values this step reads.
+
+        Args:
+            query: ``(B, L, heads * head_dim)`` projected queries of the strip.
+            kv: ``(B, L, 2 * inner)`` the strip's keys and values, concatenated on the last dimension.
+            level: the resolution level of the strip.
+            width: the activation width at that level.
+
+        Returns:
+            ``(B, L, heads * value_head_dim)``, before the output projection.
+        """
+        geo = self.context.geometry
+        assert geo is not None  # checked by forward
+        batch, inner = query.shape[0], query.shape[-1]
+        kv = self._context_kv(kv, geo, level, width)
+        key, value = kv.split([inner, kv.shape[-1] - inner], dim=-1)
         head_dim = inner // self.heads
         query = query.view(batch, -1, self.heads, head_dim).transpose(1, 2)
         key = key.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
@@ -151,14 +177,7 @@ class PartialPatchAttention(PatchLayerState, Attention):
             key = self.norm_k(key)
         scale = None if self.scale_qk else self.scale
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
-        out = out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1]).to(query.dtype)
-        out = self.to_out[0](out)
-        out = self.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(residual.shape)
-        if self.residual_connection:
-            out = out + residual
-        return out / self.rescale_output_factor
+        return out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1]).to(query.dtype)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
     def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
@@ -198,7 +217,10 @@ class PartialPatchAttention(PatchLayerState, Attention):
     def _post_gather(self, kv: Tensor, rows: tuple[int, ...], width: int, *, scratch: bool = False) -> Tensor:
         comm = self.context.patch
         tokens = max(rows) * width
-        padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else kv
+        if kv.shape[1] < tokens:
+            padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
+        else:
+            padded = self._send_copy(kv) if self.context.phase is Phase.ASYNC else kv  # SYNC: waited at once
         shape = (comm.world_size * kv.shape[0], tokens, kv.shape[2])
         out = self.context.scratch(shape, kv) if scratch else self._state.get("all", shape, kv)
         nbytes = padded.numel() * padded.element_size()
@@ -237,8 +259,8 @@ class PartialPatchAttention(PatchLayerState, Attention):
         context_kv = torch.cat(parts, dim=1) if len(parts) > 1 else kv
         # This step's boundary rows, for the neighbours' next step; posted after the buffers were read above.
         n_me = partial_rows(partial, rows[rank])
-        send_up = kv[:, : n_me * width].contiguous() if rank > 0 and n_me else None
-        send_down = kv[:, (rows[rank] - n_me) * width :].contiguous() if rank + 1 < world and n_me else None
+        send_up = self._send_copy(kv[:, : n_me * width]) if rank > 0 and n_me else None
+        send_down = self._send_copy(kv[:, (rows[rank] - n_me) * width :]) if rank + 1 < world and n_me else None
         itemsize = kv.element_size()
         ctx.stats.record(
             LayerKind.ATTENTION,

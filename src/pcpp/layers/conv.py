@@ -190,10 +190,42 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
     def _strip_forward(self, x: Tensor, geo: Geometry) -> Tensor:
         top_pre, bottom_pre = self.row_padding
         strip = x[:, :, top_pre : x.shape[2] - bottom_pre] if (top_pre or bottom_pre) else x
+        if torch.compiler.is_compiling():
+            # One opaque operator instead of a graph break; see pcpp.layers._ops.
+            token = self.context.order_token(strip.device)
+            return self._conv(torch.ops.pcpp.conv_halo(strip, token, self._handle))
         return self._conv(self._with_halo(strip, geo))
 
-    # Every phase-dependent branch and all communication sit in this one method. It is opaque to torch.compile
-    # (one graph break per conv), so compiled code around it never guards on the step counter.
+    def padded_rows(self, height: int) -> int:
+        """Rows of this rank's strip of ``height`` rows once its halo and edge zeros are attached.
+
+        Args:
+            height: rows of the strip as this conv receives it (without ``row_padding``).
+
+        Returns:
+            The height of what the conv then convolves (the shape of ``pcpp::conv_halo``'s output).
+
+        Raises:
+            PCPPError: no step is open, or ``height`` matches no level of the strip.
+        """
+        require_geometry(self.context, self.pcpp_name)
+        geo = self.context.geometry
+        assert geo is not None  # for mypy
+        rank = self.context.patch.rank
+        level = geo.level_of(rank, height)
+        mine = self._halos(geo, level, geo.level_height(level))[rank]
+        return (
+            mine.zeros_top
+            + mine.from_above
+            + height
+            - mine.crop_top
+            - mine.crop_bottom
+            + mine.from_below
+            + (mine.zeros_bottom)
+        )
+
+    # Every phase-dependent branch and all communication sit in this one method. Under torch.compile it runs
+    # inside the pcpp::conv_halo operator (the decorator only matters where it is called directly while compiling).
     @torch.compiler.disable
     def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
         """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv.
@@ -238,9 +270,9 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         rank, world, h = comm.rank, comm.world_size, strip.shape[2]
         send_up = send_down = None
         if rank > 0 and plans[rank - 1].from_below:
-            send_up = strip[:, :, : plans[rank - 1].from_below].contiguous()
+            send_up = self._send_copy(strip[:, :, : plans[rank - 1].from_below])
         if rank + 1 < world and plans[rank + 1].from_above:
-            send_down = strip[:, :, h - plans[rank + 1].from_above :].contiguous()
+            send_down = self._send_copy(strip[:, :, h - plans[rank + 1].from_above :])
         itemsize = strip.element_size()
         sent = sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize
         received = sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize

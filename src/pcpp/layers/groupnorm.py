@@ -79,7 +79,12 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
             return super().forward(x)
         ops = ctx.norm_ops(x.device)
         fresh = ops.local_stats(x, self.num_groups)
-        mean, var = self._image_stats(fresh, ops)
+        if torch.compiler.is_compiling():
+            # One opaque operator instead of a graph break; see pcpp.layers._ops.
+            token = ctx.order_token(x.device)
+            mean, var = torch.ops.pcpp.image_group_stats(fresh, token, self._handle)
+        else:
+            mean, var = self._image_stats(fresh, ops)
         return ops.normalize(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
@@ -113,5 +118,5 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
             LayerKind.GROUPNORM, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
         )
         return comm.all_gather(
-            gathered, fresh, what=f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
+            gathered, self._send_copy(fresh), what=f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
         )

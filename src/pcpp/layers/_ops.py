@@ -1,0 +1,123 @@
+"""The exchange points of the parallel layers as PyTorch custom operators, for ``torch.compile``.
+
+Eagerly, each layer calls its exchange method directly. Under ``torch.compile`` the same method is reached
+through a custom operator instead: Dynamo records the operator as one opaque node (no graph break, no guard on
+the step counter or phase), Inductor fuses everything around it, and at run time the operator calls back into
+the layer. The outputs' shapes never depend on the phase (the attention operator returns the attention output,
+not the phase-dependent key set), so one compiled graph serves synchronous and asynchronous steps.
+
+Operators identify their layer by an integer handle: operator arguments must be tensors or plain values, so
+the layer itself cannot be passed. The handle table is the one piece of module-level state in pcpp, and holds
+weak references only; a layer that is garbage collected disappears from it.
+
+Every operator also takes its context's *order token* (a one-element tensor) and declares that it mutates it.
+The operators have side effects (they post and wait on exchanges, which must happen in the same order on
+every rank), so they must run in program order and never be dropped; sharing one mutated input makes Inductor
+keep them in order and alive. They are tagged ``cudagraph_unsafe`` so that ``torch.compile``'s own CUDA graphs
+(``mode="reduce-overhead"``) leave them out: replaying a captured exchange would replay its phase decision too.
+Use :class:`pcpp.cuda_graph.CUDAGraphUNet`, which captures one graph per phase, for CUDA graphs.
+
+While an operator runs, the layer copies everything an exchange reads after the call returns
+(``_owned_sends``): Inductor may reuse an operator input's memory as soon as the operator is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import PCPPError
+
+__all__ = ["register"]
+
+_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
+
+
+def register(layer: Any) -> int:
+    """Give ``layer`` a handle by which the operators below find it.
+
+    Args:
+        layer: a parallel layer (weakly referenced).
+
+    Returns:
+        The handle, unique in this process.
+    """
+    handle = next(_HANDLES)
+    _LAYERS[handle] = layer
+    return handle
+
+
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+@contextmanager
+def _running(handle: int) -> Iterator[Any]:
+    """The layer of ``handle``, told to copy what its exchanges read after the operator returns."""
+    layer = _layer(handle)
+    layer._owned_sends = True
+    try:
+        yield layer
+    finally:
+        layer._owned_sends = False
+
+
+def _layer(handle: int) -> Any:
+    layer = _LAYERS.get(handle)
+    if layer is None:
+        raise PCPPError(
+            f"pcpp layer handle {handle} refers to a layer that no longer exists; a compiled graph outlived the "
+            "UNet it was compiled from. Compile the converted UNet again."
+        )
+    return layer
+
+
+@torch.library.custom_op("pcpp::conv_halo", mutates_args=("token",), tags=_TAGS)
+def conv_halo(strip: Tensor, token: Tensor, handle: int) -> Tensor:
+    """The strip with its halo rows attached (see ``PartialPatchConv2d._with_halo``)."""
+    with _running(handle) as layer:
+        out: Tensor = layer._with_halo(strip, layer.context.geometry)
+    if out.untyped_storage().data_ptr() == strip.untyped_storage().data_ptr():
+        # An operator's output may not alias its input; with no halo rows (a view of) the strip comes back.
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+@conv_halo.register_fake
+def _conv_halo_fake(strip: Tensor, token: Tensor, handle: int) -> Tensor:
+    rows = _layer(handle).padded_rows(strip.shape[2])
+    return strip.new_empty((strip.shape[0], strip.shape[1], rows, strip.shape[3]))
+
+
+@torch.library.custom_op("pcpp::image_group_stats", mutates_args=("token",), tags=_TAGS)
+def image_group_stats(fresh: Tensor, token: Tensor, handle: int) -> tuple[Tensor, Tensor]:
+    """Whole-image GroupNorm mean and variance from this strip's statistics (``AsyncGroupNorm._image_stats``)."""
+    with _running(handle) as layer:
+        mean, var = layer._image_stats(fresh, layer.context.norm_ops(fresh.device))
+    return mean.clone(), var.clone()  # fresh outputs: they may be views of the layer's buffers
+
+
+@image_group_stats.register_fake
+def _image_group_stats_fake(fresh: Tensor, token: Tensor, handle: int) -> tuple[Tensor, Tensor]:
+    shape = fresh.shape[:-1]
+    return fresh.new_empty(shape, dtype=torch.float32), fresh.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("pcpp::strip_attention", mutates_args=("token",), tags=_TAGS)
+def strip_attention(query: Tensor, kv: Tensor, token: Tensor, handle: int, level: int, width: int) -> Tensor:
+    """Attention of the strip's queries over the keys and values this phase reads (``_attend``)."""
+    with _running(handle) as layer:
+        out: Tensor = layer._attend(query, kv, level, width)
+    return out
+
+
+@strip_attention.register_fake
+def _strip_attention_fake(query: Tensor, kv: Tensor, token: Tensor, handle: int, level: int, width: int) -> Tensor:
+    value_dim = kv.shape[-1] - query.shape[-1]
+    return query.new_empty((query.shape[0], query.shape[1], value_dim))
