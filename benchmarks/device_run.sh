@@ -4,11 +4,12 @@
 # Needs the wheel folders .whl and .whl-df (scripts/fetch_device_wheels.sh). From the repository root:
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
-#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: single GPU and pcpp, DistriFusion again
+#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp, single GPU
+#   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small or compile}
+PART=${1:?which part: graph, small, compile or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -49,12 +50,15 @@ small)
     --deadline-s 55 --out "$R/pcpp_n1.json"; mark n1
   ;;
 compile)
+  distrifusion 75 1024; distrifusion 75 2048; distrifusion 90 3072; mark distrifusion
+  bench 260 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
+    --deadline-s 250 --out "$R/pcpp_n4_compile.json"; mark n4_compile
   bench 170 1 --resolutions 1024 --modes single partial:0.3 --compile --no-fidelity --repeats 2 --deadline-s 160 \
     --out "$R/pcpp_n1_compile.json"; mark n1
-  distrifusion 75 1024; distrifusion 75 2048; distrifusion 90 3072; mark distrifusion
-  bench 340 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
-    --deadline-s 330 --out "$R/pcpp_n4_compile.json"; mark n4_compile
   ;;
-*) echo "unknown part $PART (graph, small, compile)"; exit 2 ;;
+tests)
+  PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
+  ;;
+*) echo "unknown part $PART (graph, small, compile, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40
