@@ -369,3 +369,21 @@ def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[s
         "graphs": counters["stats"]["unique_graphs"],
         "breaks": sum(counters["graph_break"].values()),
     }
+
+
+def compiled_sizes(rank: int, world: int, case: Case, sizes: list[tuple[int, int]]) -> list[float]:
+    """One ``torch.compile`` of a converted UNet (default dynamic shapes) runs loops at several latent sizes in
+    turn; relative error of each final latent against the same loop run eagerly."""
+    import dataclasses
+
+    torch._dynamo.reset()
+    unet = build_unet(case)
+    pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
+    compiled = torch.compile(unet)
+    errors = []
+    for height, width in sizes:
+        sized = dataclasses.replace(case, height=height, width=width)
+        ref, _ = ddim_loop(unet, sized)
+        got, _ = ddim_loop(unet, sized, compiled)
+        errors.append(float((got - ref).norm() / ref.norm()))
+    return errors
