@@ -62,6 +62,8 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
+from pcpp.hooks import map_tensors
+
 logger = logging.getLogger("pcpp.fidelity")
 
 TABLE_BEGIN: Final = "<!-- fidelity-table:begin -->"
@@ -311,16 +313,6 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
-
-
 def _unet_output(output: Any) -> Tensor:
     if isinstance(output, tuple):
         return output[0]
@@ -392,7 +384,7 @@ class Recorder:
             {
                 "step": step,
                 "t": t,
-                "arguments": _map_tensors(arguments, take),
+                "arguments": map_tensors(arguments, take),
                 "guided": uncond + self.guidance * (cond - uncond),
                 "ids": list(self._select_ids),
             }
@@ -413,7 +405,7 @@ class Recorder:
         device = next(unet.parameters()).device
         result: dict[int, dict[int, float]] = {}
         for call in self.calls:
-            arguments = _map_tensors(call["arguments"], lambda x: x.to(device))
+            arguments = map_tensors(call["arguments"], lambda x: x.to(device))
             out = _unet_output(unet(**arguments)).float().cpu()
             uncond, cond = out.chunk(2)
             guided_ref = uncond + self.guidance * (cond - uncond)

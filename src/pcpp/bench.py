@@ -77,7 +77,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["build_parser", "main"]
@@ -855,6 +854,8 @@ def _widened(x: Tensor, extra: int) -> Tensor:
 def _make_floor_processor(state: _FloorState) -> Any:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from pcpp.layers.attention import attend_heads  # the same attention core as pcpp's own layer
+
     class WidenedSelfAttention(AttnProcessor2_0):
         """Diffusers' SDPA processor whose self-attention keys/values are padded to the widened token count."""
 
@@ -887,17 +888,7 @@ def _make_floor_processor(state: _FloorState) -> Any:
             value = attn.to_v(hidden_states)
             if extra:
                 key, value = _widened(key, extra), _widened(value, extra)
-            head_dim = key.shape[-1] // attn.heads
-            query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch, -1, attn.heads, value.shape[-1] // attn.heads).transpose(1, 2)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            scale = None if attn.scale_qk else attn.scale
-            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
-            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+            out = attend_heads(attn, query, key, value)
             out = attn.to_out[1](attn.to_out[0](out))
             if ndim == 4:
                 out = out.transpose(-1, -2).reshape(residual.shape)

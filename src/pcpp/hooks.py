@@ -17,7 +17,7 @@ from .errors import PCPPError
 from .layers._common import is_capturing
 from .stats import LayerKind
 
-__all__ = ["UNetHooks"]
+__all__ = ["UNetHooks", "map_tensors"]
 
 # Inputs laid out like the latent (B, C, h, w) at some UNet level: ControlNet and T2I-Adapter residuals. Each
 # rank keeps its own rows of them, as of the sample itself (which the entry conv slices).
@@ -87,7 +87,7 @@ class UNetHooks:
             arguments = self._split_cfg(arguments, sample.shape[0])
         if ctx.patch.world_size > 1:
             for name in _SPATIAL_INPUTS & arguments.keys():
-                arguments[name] = _map_tensors(arguments[name], lambda t: _own_rows(t, geo, ctx.patch.rank))
+                arguments[name] = map_tensors(arguments[name], lambda t: _own_rows(t, geo, ctx.patch.rank))
         return (), arguments
 
     def _split_cfg(self, arguments: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -104,7 +104,7 @@ class UNetHooks:
         def take(t: Tensor) -> Tensor:
             return t[lo : lo + half] if t.ndim > 0 and t.shape[0] == batch else t
 
-        return {k: _map_tensors(v, take) for k, v in arguments.items()}
+        return {k: map_tensors(v, take) for k, v in arguments.items()}
 
     @torch.compiler.disable
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -130,13 +130,14 @@ class UNetHooks:
         return output
 
 
-def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside it (nested dicts, lists and tuples kept)."""
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
 
 

@@ -16,7 +16,7 @@ from ..functional import partial_rows
 from ..stats import LayerKind
 from ._common import PatchLayerState, require_geometry, share_module
 
-__all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention"]
+__all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention", "attend_heads"]
 
 SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0)
 """Processors whose maths :class:`PartialPatchAttention` reproduces (plain softmax attention)."""
@@ -164,20 +164,10 @@ class PartialPatchAttention(PatchLayerState, Attention):
         """
         geo = self.context.geometry
         assert geo is not None  # checked by forward
-        batch, inner = query.shape[0], query.shape[-1]
+        inner = query.shape[-1]
         kv = self._context_kv(kv, geo, level, width)
         key, value = kv.split([inner, kv.shape[-1] - inner], dim=-1)
-        head_dim = inner // self.heads
-        query = query.view(batch, -1, self.heads, head_dim).transpose(1, 2)
-        key = key.reshape(batch, -1, self.heads, head_dim).transpose(1, 2)
-        value = value.reshape(batch, -1, self.heads, value.shape[-1] // self.heads).transpose(1, 2)
-        if self.norm_q is not None:
-            query = self.norm_q(query)
-        if self.norm_k is not None:
-            key = self.norm_k(key)
-        scale = None if self.scale_qk else self.scale
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
-        return out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1]).to(query.dtype)
+        return attend_heads(self, query, key, value)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
     def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
@@ -290,6 +280,32 @@ class PartialPatchAttention(PatchLayerState, Attention):
         self._post_gather(kv, rows, width)
         self._state.tag = (ctx.image, ctx.step)
         return context_kv
+
+
+def attend_heads(attn: Attention, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """The core of diffusers' ``AttnProcessor2_0``: split heads, q/k norms, scaled dot-product attention, merge.
+
+    Args:
+        attn: the module whose heads, norms and scale apply.
+        query: ``(B, Lq, heads * head_dim)`` projected queries.
+        key: ``(B, Lk, heads * head_dim)`` projected keys (any number of tokens).
+        value: ``(B, Lk, heads * value_head_dim)`` projected values.
+
+    Returns:
+        ``(B, Lq, heads * value_head_dim)``, before the output projection.
+    """
+    batch, heads = query.shape[0], attn.heads
+    head_dim = query.shape[-1] // heads
+    query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    key = key.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+    value = value.reshape(batch, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    scale = None if attn.scale_qk else attn.scale
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
+    return out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(query.dtype)
 
 
 def check_supported(attn: Attention, name: str) -> None:
