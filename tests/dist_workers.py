@@ -119,9 +119,16 @@ def traffic(rank: int, world: int, case: Case) -> dict[str, Any]:
         if kwargs.get("encoder_hidden_states") is None and (len(args) < 2 or args[1] is None):
             seen.append((module.pcpp_name, hs.shape[0], hs.shape[1], module.to_k.out_features))
 
+    widths: dict[int, int] = {}  # strip height -> activation width, as the convs produce them
+
+    def record_width(module: Any, args: Any, out: Tensor) -> None:
+        widths[out.shape[2]] = out.shape[3]
+
     for module in unet.modules():
         if isinstance(module, pcpp.layers.PartialPatchAttention):
             module.register_forward_pre_hook(record, with_kwargs=True)
+        if isinstance(module, pcpp.layers.PartialPatchConv2d):
+            module.register_forward_hook(record_width)
     ddim_loop(unet, case)
     ctx = pcpp.get_context(unet)
     geo = ctx.geometry
@@ -129,7 +136,7 @@ def traffic(rank: int, world: int, case: Case) -> dict[str, Any]:
         {"step": s.step, "phase": s.phase, "by_kind": {k.value: (v.sent, v.received) for k, v in s.by_kind.items()}}
         for s in ctx.stats.steps
     ]
-    return {"steps": steps, "seen": seen, "rows": geo.rows if geo else None, "widths": dict(geo.widths) if geo else {}}
+    return {"steps": steps, "seen": seen, "rows": geo.rows if geo else None, "widths": widths}
 
 
 def two_images(rank: int, world: int, case: Case, other: Case) -> dict[str, Any]:
@@ -289,18 +296,24 @@ def many_loops(rank: int, world: int, cases: list[Case]) -> list[dict[str, float
 
 
 def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[str, Any]:
-    """On CUDA: the same DDIM loop eager, from CUDA graphs, and (optionally) compiled under graphs."""
+    """On CUDA: the same DDIM loop eager, from CUDA graphs, and (optionally) compiled under graphs.
+
+    With ``compile_`` it also runs the unconverted UNet eager and compiled under graphs on this rank alone
+    ("plain_eager", "plain_compiled"): how far Inductor's own reordering moves the trajectory, the yardstick
+    for the converted UNet's compiled run.
+    """
     from pcpp.cuda_graph import CUDAGraphUNet
 
     device = torch.device("cuda", rank)
     results: dict[str, Any] = {}
-    variants = ["eager", "graphs"] + (["compiled"] if compile_ else [])
+    variants = ["eager", "graphs"] + (["compiled", "plain_eager", "plain_compiled"] if compile_ else [])
     for variant in variants:
         unet = build_unet(case).to(device)
-        pcpp.convert(unet, comm=comm_for(case, world, "cuda"), detect_new_image=False, **case.convert)
+        if not variant.startswith("plain"):
+            pcpp.convert(unet, comm=comm_for(case, world, "cuda"), detect_new_image=False, **case.convert)
         runner: Any = unet
-        if variant != "eager":
-            runner = CUDAGraphUNet(torch.compile(unet) if variant == "compiled" else unet)
+        if variant not in ("eager", "plain_eager"):
+            runner = CUDAGraphUNet(torch.compile(unet) if variant.endswith("compiled") else unet)
         x, kwargs = inputs(case, unet)
         x = x.to(device)
         kwargs = {
@@ -311,7 +324,8 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
         scheduler.set_timesteps(case.steps, device=device)
         eps_all = []
         for image in range(2):  # the second image replays the graphs captured during the first
-            pcpp.reset(unet)
+            if not variant.startswith("plain"):
+                pcpp.reset(unet)
             xi = x.clone()
             with torch.no_grad():
                 for t in scheduler.timesteps:
@@ -323,8 +337,9 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
                         eps_all.append(eps.cpu())
                     xi = scheduler.step(eps, t, xi).prev_sample
         results[variant] = eps_all
-        if variant != "eager":
+        if isinstance(runner, CUDAGraphUNet):
             runner.release()
+        torch._dynamo.reset()
     return results
 
 
@@ -350,19 +365,25 @@ def attention_buffers(rank: int, world: int, case: Case) -> list[list[str]]:
 
 
 def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[str, Any]:
-    """The same loop eager and under ``torch.compile`` (two images, the second reusing the compiled graphs)."""
+    """The same loop under ``torch.compile`` (two images, the second reusing the compiled graphs), then eager.
+
+    The compiled loops come first, on a UNet that has never run: state that layers fill in lazily on their first
+    call would then be traced, and Dynamo's guards on it would fail on the second call (a recompile, which under
+    CUDA-graph capture is an error).
+    """
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     unet = build_unet(case)
     pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
-    eager_x, _ = ddim_loop(unet, case)
     compiled = torch.compile(unet, backend=backend, dynamic=False)
     finals = []
     for _ in range(2):
         pcpp.reset(unet)
         finals.append(ddim_loop(unet, case, compiled)[0])
+    pcpp.reset(unet)
+    eager_x, _ = ddim_loop(unet, case)
     return {
         "eager": eager_x,
         "compiled": finals,

@@ -126,8 +126,8 @@ def test_partial_zero_sends_no_attention_rows_and_counts_match() -> None:
             per_step = len(result["seen"]) // case.steps
             expected_sent = expected_received = 0
             for _name, batch, tokens, inner in result["seen"][:per_step]:
-                level = next(k for k, w in widths.items() if (rows[rank] >> k) * w == tokens)
-                width = widths[level]
+                level = next(k for k in range(4) if (rows[rank] >> k) * widths.get(rows[rank] >> k, -1) == tokens)
+                width = widths[rows[rank] >> level]
                 kv = batch * width * 2 * inner * 4
                 for neighbour in (rank - 1, rank + 1):
                     if 0 <= neighbour < len(rows):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -38,7 +38,7 @@ class StatefulLayer(Protocol):
         """Wait for anything in flight and free the layer's buffers."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     """How one latent of ``height x width`` is cut into strips, at every downsampling level.
 
@@ -47,14 +47,16 @@ class Geometry:
         width: latent width at the UNet input.
         rows: rows of each strip at the input level, top to bottom.
         levels: number of stride-2 stages; strip heights halve at each.
-        widths: activation width seen at each level (filled in as convolutions run).
+
+    Geometry is immutable once built and holds no caches: compiled code reads it, and Dynamo guards on what it
+    reads, so state filled in during the first call would make the second call recompile (under CUDA-graph
+    capture, where Inductor cannot autotune).
     """
 
     height: int
     width: int
     rows: tuple[int, ...]
     levels: int
-    widths: dict[int, int] = field(default_factory=dict)
 
     def level_of(self, rank: int, local_height: int) -> int:
         """The level at which ``rank``'s strip is ``local_height`` rows high.
@@ -71,14 +73,6 @@ class Geometry:
             f"the input, halving {self.levels} times); a module changed the height in a way pcpp does not model."
         )
 
-    def note_width(self, rank: int, local_height: int, width: int) -> None:
-        """Remember the activation width of the level at which ``rank``'s strip is ``local_height`` rows high."""
-        base = self.rows[rank]
-        for level in range(self.levels + 1):
-            if base >> level == local_height:
-                self.widths.setdefault(level, width)
-                return
-
     def strip_rows(self, level: int) -> tuple[int, ...]:
         """Rows of every strip at ``level``."""
         return tuple(r >> level for r in self.rows)
@@ -94,16 +88,22 @@ class Geometry:
     def level_of_tokens(self, rank: int, tokens: int) -> tuple[int, int]:
         """The ``(level, width)`` at which ``rank``'s strip has ``tokens`` row-major tokens.
 
+        Strips span the whole width, and every stride-2 stage halves the width rounding down or up, so the width
+        at ``level`` lies between ``floor`` and ``ceil`` of ``width / 2**level``: pure arithmetic on the token
+        count, with nothing remembered from earlier layers (see the class docstring).
+
         Raises:
             PCPPError: no level's strip area matches.
         """
-        for level, width in sorted(self.widths.items()):
-            if (self.rows[rank] >> level) * width == tokens:
+        for level in range(self.levels + 1):
+            rows = self.rows[rank] >> level
+            width, rest = divmod(tokens, rows)
+            if not rest and self.width >> level <= width <= -(-self.width >> level):
                 return level, width
         raise PCPPError(
-            f"self-attention over {tokens} tokens on rank {rank} matches no known resolution of its strip "
-            f"(levels seen: {sorted(self.widths.items())}); pass (B, C, H, W) maps, or run a converted conv at "
-            "that resolution first."
+            f"self-attention over {tokens} tokens on rank {rank} matches no level of its strip ({self.rows[rank]} "
+            f"rows x {self.width} columns at the input, both halving {self.levels} times); a module changed the "
+            "resolution in a way pcpp does not model. Pass (B, C, H, W) maps to the attention instead."
         )
 
 
@@ -231,7 +231,7 @@ class PatchContext:
         if geo is not None and geo.height == height and geo.width == width:
             return geo
         rows = partition_rows(height, self.patch.world_size, self.unit)
-        self.geometry = Geometry(height=height, width=width, rows=rows, levels=self.levels, widths={0: width})
+        self.geometry = Geometry(height=height, width=width, rows=rows, levels=self.levels)
         self._pending_reset = True
         logger.debug("pcpp: latent %dx%d split into strips of %s rows", height, width, rows)
         return self.geometry

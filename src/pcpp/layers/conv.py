@@ -118,33 +118,43 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         self._attach(context, name)
 
     def _halos(self, geo: Geometry, level: int, height: int) -> list[ConvHalo]:
+        """Every strip's halo plan at ``level`` (``height`` rows there), cached per ``(level, height)``.
+
+        Compiled code computes the plans afresh instead (Dynamo folds the arithmetic into constants): a cache
+        filled during the first compiled call would fail Dynamo's guards and recompile on the second.
+        """
+        if torch.compiler.is_compiling():
+            return self._plan_halos(geo, level, height)
         key = (level, height)
         plans = self._plans.get(key)
         if plans is None:
-            rows = geo.strip_rows(level)
-            starts = [sum(rows[:i]) for i in range(len(rows))]
-            plans = [
-                conv_halo(
-                    start=starts[i],
-                    stop=starts[i] + rows[i],
-                    height=height,
-                    kernel=self.kernel_size[0],
-                    stride=self.stride[0],
-                    dilation=self.dilation[0],
-                    pad_top=self._pads[0],
-                    pad_bottom=self._pads[1],
-                    last=i == len(rows) - 1,
+            plans = self._plans[key] = self._plan_halos(geo, level, height)
+        return plans
+
+    def _plan_halos(self, geo: Geometry, level: int, height: int) -> list[ConvHalo]:
+        rows = geo.strip_rows(level)
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        plans = [
+            conv_halo(
+                start=starts[i],
+                stop=starts[i] + rows[i],
+                height=height,
+                kernel=self.kernel_size[0],
+                stride=self.stride[0],
+                dilation=self.dilation[0],
+                pad_top=self._pads[0],
+                pad_bottom=self._pads[1],
+                last=i == len(rows) - 1,
+            )
+            for i in range(len(rows))
+        ]
+        for i, plan in enumerate(plans):
+            if (i > 0 and plan.from_above > rows[i - 1]) or (i + 1 < len(rows) and plan.from_below > rows[i + 1]):
+                raise PCPPError(
+                    f"{self.pcpp_name}: the kernel reads {max(plan.from_above, plan.from_below)} rows across a "
+                    f"strip boundary but the neighbouring strips have only {rows} rows at this level; use a "
+                    "larger image or fewer ranks."
                 )
-                for i in range(len(rows))
-            ]
-            for i, plan in enumerate(plans):
-                if (i > 0 and plan.from_above > rows[i - 1]) or (i + 1 < len(rows) and plan.from_below > rows[i + 1]):
-                    raise PCPPError(
-                        f"{self.pcpp_name}: the kernel reads {max(plan.from_above, plan.from_below)} rows across a "
-                        f"strip boundary but the neighbouring strips have only {rows} rows at this level; use a "
-                        "larger image or fewer ranks."
-                    )
-            self._plans[key] = plans
         return plans
 
     def _conv(self, x: Tensor) -> Tensor:
@@ -169,9 +179,7 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         require_geometry(self.context, self.pcpp_name)
         geo = self.context.geometry
         assert geo is not None  # for mypy; require_geometry raised otherwise
-        out = self._entry_forward(x, geo) if self.entry else self._strip_forward(x, geo)
-        geo.note_width(comm.rank, out.shape[2], out.shape[3])
-        return out
+        return self._entry_forward(x, geo) if self.entry else self._strip_forward(x, geo)
 
     def _entry_forward(self, x: Tensor, geo: Geometry) -> Tensor:
         rank = self.context.patch.rank
