@@ -4,12 +4,16 @@
 # Needs the wheel folders .whl and .whl-df (scripts/fetch_device_wheels.sh). From the repository root:
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
-#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp, single GPU
+#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3
+#   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
+#                                                         # all compiled; beside it the compiled GPU test
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
+#   OUT=/some/dir bash benchmarks/device_run.sh best      # 2 GPUs (CFG split, 2048) and 1 GPU (1024) against the best
+#                                                         # single path, compile included; then tests/test_gpu.py
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile or tests}
+PART=${1:?which part: graph, small, compile, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -23,6 +27,10 @@ P=$PWD/src:$PWD/tests:/tmp/site
 cap() { local t=$1 left=$((580 - SECONDS)); [ "$left" -lt "$t" ] && t=$left; echo "$t"; }
 bench() { local t; t=$(cap "$1"); [ "$t" -le 5 ] && return; PYTHONPATH=$P timeout -k 5 "$t" \
   python3 -m torch.distributed.run --standalone --nproc-per-node "$2" -m pcpp.bench "${@:3}" >> "$L" 2>&1; }
+# The same on the GPUs listed first, logged to its own file (for runs side by side on disjoint GPUs).
+bench_on() { local gpus=$1 log=$2 t; t=$(cap "$3"); [ "$t" -le 5 ] && return; CUDA_VISIBLE_DEVICES=$gpus \
+  PYTHONPATH=$P timeout -k 5 "$t" python3 -m torch.distributed.run --standalone --nproc-per-node "$4" \
+  -m pcpp.bench "${@:5}" > "$log" 2>&1; }
 distrifusion() { local t; t=$(cap "$1"); [ "$t" -le 5 ] && return; PYTHONPATH=/tmp/site-df timeout -k 5 "$t" \
   python3 -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/distrifusion_runner.py \
   --height "$2" --width "$2" --repeats 2 --deadline-s $(($t - 5)) "${@:3}" --out "$R/df_n4_$2.json" >> "$L" 2>&1; }
@@ -51,14 +59,33 @@ small)
   ;;
 compile)
   distrifusion 75 1024; distrifusion 75 2048; distrifusion 90 3072; mark distrifusion
-  bench 260 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
-    --deadline-s 250 --out "$R/pcpp_n4_compile.json"; mark n4_compile
-  bench 170 1 --resolutions 1024 --modes single partial:0.3 --compile --no-fidelity --repeats 2 --deadline-s 160 \
-    --out "$R/pcpp_n1_compile.json"; mark n1
+  bench 330 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
+    --deadline-s 320 --out "$R/pcpp_n4_compile.json"; mark n4_compile
+  ;;
+best)
+  # Runs side by side on disjoint GPUs (an NVSwitch host: no shared links; 64 host cores): 2 GPUs on 0-1; 1 GPU on
+  # 2, then the compiled GPU test on 2-3; at the end the other GPU tests on all four.
+  bench_on 0,1 "$OUT/n2.txt" 340 2 --resolutions 2048 --modes single floor partial:0.3 --single-variants graph \
+    --compile --compile-floor --no-fidelity --repeats 2 --deadline-s 330 --out "$R/pcpp_n2_compile.json" &
+  { bench_on 2 "$OUT/n1.txt" 280 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph \
+      --compile --no-fidelity --repeats 2 --deadline-s 270 --out "$R/pcpp_n1_compile.json"
+    CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH=$P timeout -k 5 "$(cap 200)" python3 -m pytest -q -p no:cacheprovider \
+      -m slow tests/test_gpu.py > "$OUT/t1.txt" 2>&1; }
+  wait; cat "$OUT/n2.txt" "$OUT/n1.txt" "$OUT/t1.txt" >> "$L"; rm -f "$OUT"/n2.txt "$OUT"/n1.txt "$OUT"/t1.txt
+  mark n2_n1_slowtest
+  PYTHONPATH=$P timeout -k 5 "$(cap 150)" python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_gpu.py \
+    >> "$L" 2>&1; mark tests
+  ;;
+cfg2)
+  bench_on 0,1 "$OUT/n2.txt" 330 2 --resolutions 2048 --modes single partial:0.3 --single-variants graph --compile-only \
+    --compile --no-fidelity --repeats 2 --deadline-s 320 --out "$R/pcpp_n2_compile.json" &
+  CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH=$P timeout -k 5 "$(cap 330)" python3 -m pytest -q -p no:cacheprovider \
+    -m slow tests/test_gpu.py > "$OUT/t1.txt" 2>&1
+  wait; cat "$OUT/n2.txt" "$OUT/t1.txt" >> "$L"; rm -f "$OUT"/n2.txt "$OUT"/t1.txt; mark cfg2_slowtest
   ;;
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -30,13 +30,19 @@ SDXL = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
 )
 def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case, compile_: bool) -> None:
     """A whole loop replayed from per-phase CUDA graphs equals the eager loop (same kernels, same order: fp32
-    results agree to 1e-6), and torch.compile under graphs agrees to 1e-3 (inductor fuses and reorders fp32
-    arithmetic; the guided noise is amplified x11 by CFG)."""
+    results agree to 1e-6). torch.compile under graphs moves the trajectory as far as it moves the unconverted
+    UNet's: Inductor fuses and reorders fp32 arithmetic and CFG amplifies the difference x11, so the yardstick
+    is measured, not guessed: the converted UNet's worst step may differ from eager by at most 4x the plain
+    UNet's worst step (plus 1e-5), where a wrong exchange gives errors of order one."""
     if _gpus() < world:
         pytest.skip(f"needs {world} GPUs")
     results = run_distributed(graphs_vs_eager, world, case, compile_, backend="nccl", timeout=900)
     for result in results:
         for eager, graphed in zip(result["eager"], result["graphs"], strict=True):
             torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
-        for eager, compiled in zip(result["eager"], result.get("compiled", result["eager"]), strict=True):
-            torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+        if compile_:
+            plain = max(
+                float((c - e).abs().max()) for c, e in zip(result["plain_compiled"], result["plain_eager"], strict=True)
+            )
+            worst = max(float((c - e).abs().max()) for c, e in zip(result["compiled"], result["eager"], strict=True))
+            assert worst <= 4 * plain + 1e-5, (worst, plain)
