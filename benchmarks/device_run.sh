@@ -5,6 +5,7 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
 #   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3
+#   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
 #   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
 #                                                         # all compiled; beside it the compiled GPU test
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
@@ -13,7 +14,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, profile, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -59,8 +60,9 @@ small)
   ;;
 compile)
   distrifusion 75 1024; distrifusion 75 2048; distrifusion 90 3072; mark distrifusion
-  bench 330 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
-    --deadline-s 320 --out "$R/pcpp_n4_compile.json"; mark n4_compile
+  # Compiling the SDXL layout takes 100-110 s per resolution on an H100 (table 5 of docs/benchmarks.md).
+  bench 420 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
+    --deadline-s 410 --out "$R/pcpp_n4_compile.json"; mark n4_compile
   ;;
 best)
   # Runs side by side on disjoint GPUs (an NVSwitch host: no shared links; 64 host cores): 2 GPUs on 0-1; 1 GPU on
@@ -76,6 +78,14 @@ best)
   PYTHONPATH=$P timeout -k 5 "$(cap 150)" python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_gpu.py \
     >> "$L" 2>&1; mark tests
   ;;
+profile)
+  # Where the compiled run's time goes: pcpp partial 0.3 and its compiled floor at 1024, one profiled image each
+  # (kernel tables in r/prof, device time per step by kind of kernel in the report), then the single GPU.
+  bench 330 4 --resolutions 1024 --modes floor partial:0.3 --compile-only --compile-floor --no-fidelity \
+    --repeats 2 --profile "$R/prof" --deadline-s 320 --out "$R/pcpp_n4_profile.json"; mark n4_profile
+  bench 200 1 --resolutions 1024 --modes single --single-variants graph --compile --no-fidelity --repeats 2 \
+    --profile "$R/prof" --deadline-s 190 --out "$R/pcpp_n1_profile.json"; mark n1_profile
+  ;;
 cfg2)
   bench_on 0,1 "$OUT/n2.txt" 330 2 --resolutions 2048 --modes single partial:0.3 --single-variants graph --compile-only \
     --compile --no-fidelity --repeats 2 --deadline-s 320 --out "$R/pcpp_n2_compile.json" &
@@ -86,6 +96,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, profile, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -165,3 +165,40 @@ def test_bench_one_rank_with_given_weights(tmp_path: Path) -> None:
     torch.save({"not_a_key": torch.zeros(1)}, wrong)
     argv[argv.index(str(weights))] = str(wrong)
     assert run_distributed(bench_worker, 1, argv, timeout=150) != [0]  # strict loading: a wrong file fails
+
+
+def test_bench_profile_writes_tables_and_per_step_summaries(tmp_path: Path) -> None:
+    """`--profile DIR`: one more image per variant under torch.profiler; every rank writes its table, and the
+    report gives operators (CPU) per step for the single path, the floor and pcpp."""
+    config = {"_class_name": "UNet2DConditionModel", **tiny_unet_config("sdxl")}
+    config_path = tmp_path / "tiny-sdxl.json"
+    config_path.write_text(json.dumps(config))
+    out, folder = tmp_path / "report.json", tmp_path / "profiles"
+    argv = [
+        "--config", str(config_path), "--device", "cpu", "--dtype", "float32", "--steps", "2",
+        "--warmup-steps", "1", "--repeats", "1", "--resolutions", "64", "--no-cfg-split",
+        "--modes", "single", "floor", "partial:0.3", "--no-cuda-graph", "--no-fidelity",
+        "--profile", str(folder), "--deadline-s", "240", "--pg-timeout-s", "120", "--out", str(out),
+    ]  # fmt: skip
+    assert run_distributed(bench_worker, 2, argv, timeout=240, group_timeout=120) == [0, 0]
+    modes = json.loads(out.read_text())["results"]["64x64"]["modes"]
+    summaries = [modes["single"]["variants"]["eager"]["profile"]]
+    summaries += modes["floor"]["partial:0.3"]["profile_per_rank"]
+    summaries += modes["partial:0.3"]["variants"]["eager"]["profile_per_rank"]
+    assert len(summaries) == 5
+    for summary in summaries:
+        assert summary["kernels_per_step"]["cpu_ops"] > 10, summary
+        assert summary["device_ms_per_step"]["cpu_ops"] > 0, summary
+        assert "aten::" in Path(summary["file"]).read_text()
+    assert {Path(s["file"]).name.rsplit(".rank", 1)[1] for s in summaries} == {"0.txt", "1.txt"}
+
+
+def test_kernel_kinds() -> None:
+    """Kernel names from an H100 profile fall into the kinds the profile summary reports."""
+    assert bench.kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
+    assert bench.kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert bench.kernel_kind("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert bench.kernel_kind("triton_red_fused_add_bmm_div_native_layer_norm_view_71") == "triton"
+    assert bench.kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert bench.kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "copy"
+    assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"

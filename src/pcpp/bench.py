@@ -42,6 +42,11 @@ Traffic (pcpp modes): bytes sent and received per step by this rank, per layer k
 the UNet's Python code are recorded (eager steps and CUDA-graph captures; replays are not), which is why the
 warm-up image is used. Peak memory: ``torch.cuda.max_memory_allocated`` per rank, reset before each variant.
 
+Profile (``--profile DIR``): after the timed images of each variant, one more image runs under
+``torch.profiler``; each rank writes its 60 busiest kernels (CPU operators on CPU ranks) to
+``DIR/<label>.rank<r>.txt``, and the report gives device time and kernel count per step by kind of kernel (NCCL,
+attention, conv, GEMM, Triton, copies, other): where a compiled run loses time against its floor.
+
 Model build: ``torch.manual_seed(seed)``, then ``UNet2DConditionModel.from_config`` in fp32 directly on the rank's
 GPU (``--init-device device``, seconds; identical on identical cards, checked with a weight checksum gathered from
 every rank) or on the CPU (``--init-device cpu``, about a minute for SDXL, the same bits on any card), then a cast
@@ -65,6 +70,7 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -284,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="floor steps read at the synchronous (every-strip) width (default: as pcpp, max(1, --warmup-steps))",
     )
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false", help="skip the per-step check")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after the timed images, run one more under torch.profiler per variant and write its busiest kernels "
+        "(DIR/<label>.rank<r>.txt) and device time per step by kind of kernel (in the report)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON report path (written by rank 0)")
     parser.add_argument("--pg-timeout-s", type=float, default=300.0, help="timeout of every NCCL/gloo group")
     parser.add_argument(
@@ -761,6 +775,7 @@ class Timing:
     peak_mem_bytes: int
     warmup_final: Tensor | None
     last_final: Tensor | None
+    profile: dict[str, Any] | None = None
 
 
 def time_images(
@@ -796,7 +811,84 @@ def time_images(
         times.append(elapsed)
         LOG.info("%s: image %d/%d: %.1f ms", label, i + 1, args.repeats, elapsed)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return Timing(warm, times, int(peak), warm_final, last_final)
+    profiled = None
+    if args.profile is not None:
+        reset()
+        line_up(device)
+        profiled = profile_image(step_fn, latents0, args, device, label)
+    return Timing(warm, times, int(peak), warm_final, last_final, profiled)
+
+
+# Kinds of kernel, by name: the first pattern a kernel's lower-cased name contains decides (order matters: NCCL
+# and attention kernels can contain "gemm"-like substrings).
+_KERNEL_KINDS = (
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("conv", ("conv", "implicit_gemm", "cudnn", "xmma_fprop", "dgrad", "wgrad")),
+    ("gemm", ("gemm", "cutlass", "cublas", "sm90_xmma", "matmul")),
+    ("triton", ("triton",)),
+    ("copy", ("copy", "cat", "fill", "memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel by its name: nccl, attention, conv, gemm, triton, copy, or other."""
+    lowered = name.lower()
+    for kind, patterns in _KERNEL_KINDS:
+        if any(p in lowered for p in patterns):
+            return kind
+    return "other"
+
+
+def profile_image(
+    step_fn: StepFn, latents0: Tensor, args: argparse.Namespace, device: torch.device, label: str
+) -> dict[str, Any]:
+    """One more image under ``torch.profiler``: its busiest kernels go to ``--profile``'s folder, and the device
+    time and kernel count per denoising step by kind of kernel come back (on the CPU: operators and CPU time).
+
+    Args:
+        step_fn: the step of the variant just timed (graphs already captured, code already compiled).
+        latents0: the initial latent.
+        args: the bench's arguments (``--profile``, ``--steps``, ``--guidance``).
+        device: where it runs.
+        label: the variant's label, which names the table's file.
+
+    Returns:
+        ``{"file", "device_ms_per_step": {kind: ms}, "kernels_per_step": {kind: n}}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        denoise(step_fn, make_scheduler(), latents0, args.steps, args.guidance)
+    events = prof.key_averages()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    folder: Path = args.profile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.rank{rank}.txt"
+    sort = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=60) + "\n")
+    ms: dict[str, float] = {}
+    count: dict[str, float] = {}
+    for event in events:
+        if on_cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+                continue
+            kind, micros = kernel_kind(event.key), event.self_device_time_total
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            kind, micros = "cpu_ops", event.self_cpu_time_total
+        ms[kind] = ms.get(kind, 0.0) + micros / 1000.0 / args.steps
+        count[kind] = count.get(kind, 0.0) + event.count / args.steps
+    LOG.info(
+        "%s: profile per step: %s (table: %s)",
+        label,
+        ", ".join(f"{k} {ms[k]:.2f} ms/{count[k]:.0f}" for k in sorted(ms, key=ms.__getitem__, reverse=True)),
+        path,
+    )
+    return {"file": str(path), "device_ms_per_step": ms, "kernels_per_step": count}
 
 
 def time_summary(times_ms: Sequence[float]) -> dict[str, Any]:
@@ -1150,6 +1242,8 @@ class Bench:
             )
             result = time_summary(timing.times_ms)
             result.update(warmup_ms=timing.warmup_ms, peak_mem_bytes=timing.peak_mem_bytes)
+            if timing.profile is not None:
+                result["profile"] = timing.profile
             if variant.startswith("compile"):
                 result["compile_s"] = build_s + sum(timing.warmup_ms) / 1000.0
                 LOG.info("%s: compile (warm-up images included) %.1f s", label, result["compile_s"])
@@ -1219,6 +1313,8 @@ class Bench:
                     "sync_steps": sum(s == "all" for s in schedule),
                     "peak_mem_bytes_per_rank": peaks,
                 }
+                if timing.profile is not None:
+                    result["profile_per_rank"] = all_gather_objects(timing.profile)
                 LOG.info(
                     "%s floor %s: slowest rank median %.1f ms (per rank %s)",
                     label,
@@ -1337,6 +1433,8 @@ class Bench:
             peak_mem_bytes_per_rank=peaks,
             traffic_per_rank=all_gather_objects(traffic),
         )
+        if timing.profile is not None:
+            result["profile_per_rank"] = all_gather_objects(timing.profile)
         if compile_:
             result["compile_s"] = build_s + sum(timing.warmup_ms) / 1000.0
             LOG.info("%s: compile (warm-up images included) %.1f s", label, result["compile_s"])
