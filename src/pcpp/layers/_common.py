@@ -152,6 +152,26 @@ class PatchLayerState:
             return tensor.clone(memory_format=torch.contiguous_format)
         return tensor.contiguous()
 
+    def _send_pair(self, first: Tensor | None, second: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Both of a layer's outgoing tensors (either may be ``None``) as :meth:`_send_copy` returns them, copied
+        by one kernel where copies are needed.
+
+        Row slices of a batch are rarely contiguous, so the two sends usually need copies anyway; stacking them
+        makes one kernel of the two (each half of the stack is contiguous, as NCCL needs).
+        """
+        present = [t for t in (first, second) if t is not None]
+        if not self._owned_sends and all(t.is_contiguous() for t in present):
+            return first, second
+        if first is not None and second is not None and first.shape == second.shape:
+            # Into a contiguous buffer: stack alone would keep a channels-last input's layout.
+            pair = first.new_empty((2, *first.shape))
+            torch.stack([first, second], out=pair)
+            return pair[0], pair[1]
+        return (
+            None if first is None else self._send_copy(first),
+            None if second is None else self._send_copy(second),
+        )
+
     def reset_state(self) -> None:
         """Wait for the exchange in flight and mark the previous-step activations as belonging to no step."""
         self._state.reset()

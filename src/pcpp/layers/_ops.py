@@ -100,7 +100,18 @@ def image_group_stats(fresh: Tensor, token: Tensor, handle: int) -> tuple[Tensor
     """Whole-image GroupNorm mean and variance from this strip's statistics (``AsyncGroupNorm._image_stats``)."""
     with _running(handle) as layer:
         mean, var = layer._image_stats(fresh, layer.context.norm_ops(fresh.device))
-    return mean.clone(), var.clone()  # fresh outputs: they may be views of the layer's buffers
+    # An operator's outputs may alias neither its inputs nor each other. The statistics are computed afresh, so
+    # this costs nothing unless a kernel ever returns views of one buffer (checked on the host, no sync).
+    if _shares_storage(mean, fresh):
+        mean = mean.clone()
+    if _shares_storage(var, fresh, mean):
+        var = var.clone()
+    return mean, var
+
+
+def _shares_storage(tensor: Tensor, *others: Tensor) -> bool:
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(ptr == other.untyped_storage().data_ptr() for other in others)
 
 
 @image_group_stats.register_fake

@@ -249,8 +249,10 @@ class PartialPatchAttention(PatchLayerState, Attention):
         context_kv = torch.cat(parts, dim=1) if len(parts) > 1 else kv
         # This step's boundary rows, for the neighbours' next step; posted after the buffers were read above.
         n_me = partial_rows(partial, rows[rank])
-        send_up = self._send_copy(kv[:, : n_me * width]) if rank > 0 and n_me else None
-        send_down = self._send_copy(kv[:, (rows[rank] - n_me) * width :]) if rank + 1 < world and n_me else None
+        send_up, send_down = self._send_pair(
+            kv[:, : n_me * width] if rank > 0 and n_me else None,
+            kv[:, (rows[rank] - n_me) * width :] if rank + 1 < world and n_me else None,
+        )
         itemsize = kv.element_size()
         ctx.stats.record(
             LayerKind.ATTENTION,

@@ -278,9 +278,10 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         rank, world, h = comm.rank, comm.world_size, strip.shape[2]
         send_up = send_down = None
         if rank > 0 and plans[rank - 1].from_below:
-            send_up = self._send_copy(strip[:, :, : plans[rank - 1].from_below])
+            send_up = strip[:, :, : plans[rank - 1].from_below]
         if rank + 1 < world and plans[rank + 1].from_above:
-            send_down = self._send_copy(strip[:, :, h - plans[rank + 1].from_above :])
+            send_down = strip[:, :, h - plans[rank + 1].from_above :]
+        send_up, send_down = self._send_pair(send_up, send_down)
         itemsize = strip.element_size()
         sent = sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize
         received = sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize
