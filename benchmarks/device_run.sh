@@ -69,9 +69,9 @@ best)
   # 2, then the compiled GPU test on 2-3; at the end the other GPU tests on all four.
   bench_on 0,1 "$OUT/n2.txt" 340 2 --resolutions 2048 --modes single floor partial:0.3 --single-variants graph \
     --compile --compile-floor --no-fidelity --repeats 2 --deadline-s 330 --out "$R/pcpp_n2_compile.json" &
-  { bench_on 2 "$OUT/n1.txt" 280 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph \
-      --compile --no-fidelity --repeats 2 --deadline-s 270 --out "$R/pcpp_n1_compile.json"
-    CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH=$P timeout -k 5 "$(cap 200)" python3 -m pytest -q -p no:cacheprovider \
+  { bench_on 2 "$OUT/n1.txt" 240 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph \
+      --compile --no-fidelity --repeats 2 --deadline-s 230 --out "$R/pcpp_n1_compile.json"
+    CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH=$P timeout -k 5 "$(cap 300)" python3 -m pytest -q -p no:cacheprovider \
       -m slow tests/test_gpu.py > "$OUT/t1.txt" 2>&1; }
   wait; cat "$OUT/n2.txt" "$OUT/n1.txt" "$OUT/t1.txt" >> "$L"; rm -f "$OUT"/n2.txt "$OUT"/n1.txt "$OUT"/t1.txt
   mark n2_n1_slowtest

@@ -14,20 +14,25 @@ from pcpp.testing import run_distributed
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None, reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize(
-    "case",
+    ("world", "case"),
     [
-        Case(family="tiny", height=16, width=8, steps=4, convert={"warmup_steps": 2, "partial": 0.5}),
-        Case(
-            family="tiny",
-            height=16,
-            width=8,
-            steps=4,
-            convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL},
+        (2, Case(family="tiny", height=16, width=8, steps=4, convert={"warmup_steps": 2, "partial": 0.5})),
+        (
+            2,
+            Case(
+                family="tiny",
+                height=16,
+                width=8,
+                steps=4,
+                convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL},
+            ),
         ),
+        # A middle rank: both neighbours' rows are sent from inside the operators (one stacked copy).
+        (3, Case(family="tiny", height=24, width=8, steps=4, convert={"warmup_steps": 2, "partial": 0.5})),
     ],
-    ids=["partial", "full"],
+    ids=["partial", "full", "partial-3-ranks"],
 )
-def test_compiled_loop_matches_eager(case: Case) -> None:
+def test_compiled_loop_matches_eager(world: int, case: Case) -> None:
     """Inductor compiles the converted UNet around pcpp's exchange operators (pcpp.layers._ops) instead of
     breaking the graph at each of them, and the loop follows the eager one, on both images (the second one
     replays the compiled code, including the first image's state being dropped).
@@ -35,7 +40,7 @@ def test_compiled_loop_matches_eager(case: Case) -> None:
     Tolerance 1e-4 relative L2: Inductor reorders fp32 sums (measured ~3e-5 on the SDXL-layout tiny model,
     amplified by guidance 5). This test caught Inductor reusing the memory of an operator's input while an
     asynchronous send still read it (the GroupNorm statistics' all-gather: error ~1 before it sent a copy)."""
-    for result in run_distributed(compiled_vs_eager, 2, case, "inductor", timeout=600):
+    for result in run_distributed(compiled_vs_eager, world, case, "inductor", timeout=600):
         eager = result["eager"]
         for final in result["compiled"]:
             assert float((final - eager).norm() / eager.norm()) < 1e-4

@@ -33,7 +33,7 @@ def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case, compile
     results agree to 1e-6). torch.compile under graphs moves the trajectory as far as it moves the unconverted
     UNet's: Inductor fuses and reorders fp32 arithmetic and CFG amplifies the difference x11, so the yardstick
     is measured, not guessed: the converted UNet's worst step may differ from eager by at most 4x the plain
-    UNet's worst step (plus 1e-5), where a wrong exchange gives errors of order one."""
+    UNet's worst step (at least 1e-4), where a wrong exchange gives errors of order one."""
     if _gpus() < world:
         pytest.skip(f"needs {world} GPUs")
     results = run_distributed(graphs_vs_eager, world, case, compile_, backend="nccl", timeout=900)
@@ -45,4 +45,4 @@ def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case, compile
                 float((c - e).abs().max()) for c, e in zip(result["plain_compiled"], result["plain_eager"], strict=True)
             )
             worst = max(float((c - e).abs().max()) for c, e in zip(result["compiled"], result["eager"], strict=True))
-            assert worst <= 4 * plain + 1e-5, (worst, plain)
+            assert worst <= max(4 * plain, 1e-4), (worst, plain)

@@ -45,7 +45,7 @@ warm-up image is used. Peak memory: ``torch.cuda.max_memory_allocated`` per rank
 Profile (``--profile DIR``): after the timed images of each variant, one more image runs under
 ``torch.profiler``; each rank writes its 60 busiest kernels (CPU operators on CPU ranks) to
 ``DIR/<label>.rank<r>.txt``, and the report gives device time and kernel count per step by kind of kernel (NCCL,
-attention, conv, GEMM, Triton, copies, other): where a compiled run loses time against its floor.
+Triton, attention, conv, GEMM, copies, other): where a compiled run loses time against its floor.
 
 Model build: ``torch.manual_seed(seed)``, then ``UNet2DConditionModel.from_config`` in fp32 directly on the rank's
 GPU (``--init-device device``, seconds; identical on identical cards, checked with a weight checksum gathered from
@@ -820,19 +820,19 @@ def time_images(
 
 
 # Kinds of kernel, by name: the first pattern a kernel's lower-cased name contains decides (order matters: NCCL
-# and attention kernels can contain "gemm"-like substrings).
+# kernels and Inductor's Triton kernels, named after the ops they fuse, may contain "conv" or "gemm").
 _KERNEL_KINDS = (
     ("nccl", ("nccl",)),
+    ("triton", ("triton_",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("conv", ("conv", "implicit_gemm", "cudnn", "xmma_fprop", "dgrad", "wgrad")),
-    ("gemm", ("gemm", "cutlass", "cublas", "sm90_xmma", "matmul")),
-    ("triton", ("triton",)),
-    ("copy", ("copy", "cat", "fill", "memcpy", "memset")),
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "matmul")),
+    ("copy", ("copy", "catarray", "fill", "memcpy", "memset")),
 )
 
 
 def kernel_kind(name: str) -> str:
-    """The kind of a device kernel by its name: nccl, attention, conv, gemm, triton, copy, or other."""
+    """The kind of a device kernel by its name: nccl, triton, attention, conv, gemm, copy, or other."""
     lowered = name.lower()
     for kind, patterns in _KERNEL_KINDS:
         if any(p in lowered for p in patterns):

@@ -165,7 +165,7 @@ class PatchLayerState:
         if first is not None and second is not None and first.shape == second.shape:
             # Into a contiguous buffer: stack alone would keep a channels-last input's layout.
             pair = first.new_empty((2, *first.shape))
-            torch.stack([first, second], out=pair)
+            torch.stack([first.detach(), second.detach()], out=pair)  # out= refuses autograd; sends carry none
             return pair[0], pair[1]
         return (
             None if first is None else self._send_copy(first),
