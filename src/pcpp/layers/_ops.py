@@ -83,7 +83,7 @@ def conv_halo(strip: Tensor, token: Tensor, handle: int) -> Tensor:
     """The strip with its halo rows attached (see ``PartialPatchConv2d._with_halo``)."""
     with _running(handle) as layer:
         out: Tensor = layer._with_halo(strip, layer.context.geometry)
-    if out.untyped_storage().data_ptr() == strip.untyped_storage().data_ptr():
+    if _shares_storage(out, strip):
         # An operator's output may not alias its input; with no halo rows (a view of) the strip comes back.
         out = out.clone(memory_format=torch.contiguous_format)
     return out

@@ -222,15 +222,8 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         rank = self.context.patch.rank
         level = geo.level_of(rank, height)
         mine = self._halos(geo, level, geo.level_height(level))[rank]
-        return (
-            mine.zeros_top
-            + mine.from_above
-            + height
-            - mine.crop_top
-            - mine.crop_bottom
-            + mine.from_below
-            + (mine.zeros_bottom)
-        )
+        halo = mine.zeros_top + mine.from_above + mine.from_below + mine.zeros_bottom
+        return height - mine.crop_top - mine.crop_bottom + halo
 
     # Every phase-dependent branch and all communication sit in this one method. Under torch.compile it runs
     # inside the pcpp::conv_halo operator (the decorator only matters where it is called directly while compiling).
