@@ -4,8 +4,10 @@
 # Needs the wheel folders .whl and .whl-df (scripts/fetch_device_wheels.sh). From the repository root:
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
-#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3
+#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3 (1024, 2048)
+#   OUT=/some/dir bash benchmarks/device_run.sh c3072     # the same at 3072
 #   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
+#   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
 #                                                         # all compiled; beside it the compiled GPU test
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
@@ -14,7 +16,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, profile, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, c3072, profile, one, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -59,10 +61,19 @@ small)
     --deadline-s 55 --out "$R/pcpp_n1.json"; mark n1
   ;;
 compile)
-  distrifusion 75 1024; distrifusion 75 2048; distrifusion 90 3072; mark distrifusion
-  # Compiling the SDXL layout takes 100-110 s per resolution on an H100 (table 5 of docs/benchmarks.md).
-  bench 420 4 --resolutions 1024 2048 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
-    --deadline-s 410 --out "$R/pcpp_n4_compile.json"; mark n4_compile
+  # torch.compile headline at 1024 and 2048 (3072: the c3072 part, right after on the same machine). Compiling
+  # the SDXL layout takes 100-115 s per resolution on an H100; the last run repeats 1024 with every layer's
+  # exchange posted on its own (--exchange-batch 1), which reuses the compiled graph (Inductor's cache).
+  distrifusion 75 1024; distrifusion 75 2048; mark distrifusion
+  bench 300 4 --resolutions 1024 2048 --modes partial:0.3 --compile-only --repeats 2 \
+    --profile "$R/prof" --deadline-s 290 --out "$R/pcpp_n4_compile.json"; mark n4_compile
+  bench 120 4 --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --exchange-batch 1 \
+    --deadline-s 110 --out "$R/pcpp_n4_compile_batch1.json"; mark n4_compile_batch1
+  ;;
+c3072)
+  distrifusion 95 3072; mark distrifusion
+  bench 300 4 --resolutions 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --deadline-s 290 \
+    --out "$R/pcpp_n4_compile_3072.json"; mark n4_compile_3072
   ;;
 best)
   # Runs side by side on disjoint GPUs (an NVSwitch host: no shared links; 64 host cores): 2 GPUs on 0-1; 1 GPU on
@@ -79,12 +90,19 @@ best)
     >> "$L" 2>&1; mark tests
   ;;
 profile)
-  # Where the compiled run's time goes: pcpp partial 0.3 and its compiled floor at 1024, one profiled image each
-  # (kernel tables in r/prof, device time per step by kind of kernel in the report), then the single GPU.
-  bench 330 4 --resolutions 1024 --modes floor partial:0.3 --compile-only --compile-floor --no-fidelity \
-    --repeats 2 --profile "$R/prof" --deadline-s 320 --out "$R/pcpp_n4_profile.json"; mark n4_profile
-  bench 200 1 --resolutions 1024 --modes single --single-variants graph --compile --no-fidelity --repeats 2 \
-    --profile "$R/prof" --deadline-s 190 --out "$R/pcpp_n1_profile.json"; mark n1_profile
+  # Where the compiled run's time goes: pcpp partial 0.3 at 1024, one profiled image (kernel tables in r/prof,
+  # device time per step by kind of kernel in the report). Its compiled floor, profiled the same way, takes
+  # another 210 s: add `floor --compile-floor` to --modes for it.
+  bench 330 4 --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --profile "$R/prof" \
+    --deadline-s 320 --out "$R/pcpp_n4_profile.json"; mark n4_profile
+  # Inductor's generated code for the converted UNet (which kernels surround pcpp's operators).
+  grep -rl "torch.ops.pcpp" /tmp/torchinductor_* --include=*.py 2>/dev/null | head -2 | while read -r f; do
+    cp "$f" "$R/"; done
+  ;;
+one)
+  # 1 GPU alone on its machine (a 1-GPU kind will do): every single-GPU path against pcpp on one rank.
+  bench 400 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph --compile --no-fidelity \
+    --repeats 3 --deadline-s 390 --out "$R/pcpp_n1_alone.json"; mark n1_alone
   ;;
 cfg2)
   bench_on 0,1 "$OUT/n2.txt" 330 2 --resolutions 2048 --modes single partial:0.3 --single-variants graph --compile-only \
@@ -96,6 +114,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, profile, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, c3072, profile, one, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -64,5 +64,5 @@ def test_operators_are_registered() -> None:
     """The three exchange points exist as torch operators (what Dynamo records instead of a graph break)."""
     import pcpp.layers._ops  # noqa: F401
 
-    for name in ("conv_halo", "image_group_stats", "strip_attention"):
+    for name in ("conv_halo_rows", "image_group_stats", "strip_attention"):
         assert hasattr(torch.ops.pcpp, name)

@@ -37,6 +37,9 @@ class FakeComm:
     def exchange(self, **kwargs: object) -> _Done:
         raise AssertionError("FakeComm cannot communicate")
 
+    def send_recv(self, messages: object, *, what: str) -> _Done:
+        raise AssertionError("FakeComm cannot communicate")
+
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> _Done:
         raise AssertionError("FakeComm cannot communicate")
 

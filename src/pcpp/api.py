@@ -60,6 +60,7 @@ def convert(
     timeout: timedelta = timedelta(minutes=5),
     detect_new_image: bool = True,
     fused_norm: bool = True,
+    exchange_batch: int = 16,
 ) -> M:
     """Convert a diffusers UNet in place to Partially Conditioned Patch Parallelism, and return it.
 
@@ -83,6 +84,7 @@ def convert(
             :class:`pcpp.PCPPConfig`).
         detect_new_image: start a new image when the timestep goes up between calls.
         fused_norm: on CUDA, fuse GroupNorm's arithmetic into Triton kernels (see :class:`pcpp.PCPPConfig`).
+        exchange_batch: layers whose asynchronous exchanges are posted together (see :class:`pcpp.PCPPConfig`).
 
     Returns:
         ``unet`` itself, converted.
@@ -106,6 +108,7 @@ def convert(
         timeout=timeout,
         detect_new_image=detect_new_image,
         fused_norm=fused_norm,
+        exchange_batch=exchange_batch,
     )
     supported = _supported_unet_types()
     if not isinstance(unet, supported):

@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=50, help="denoising steps per image")
     parser.add_argument("--warmup-steps", type=int, default=4, help="pcpp's synchronous steps per image")
+    parser.add_argument(
+        "--exchange-batch",
+        type=int,
+        default=16,
+        help="layers whose asynchronous exchanges pcpp posts together (PCPPConfig.exchange_batch; 1: each at once)",
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per mode and variant")
     parser.add_argument("--warmup-images", type=int, default=1, help="untimed images before the timed ones")
@@ -315,9 +321,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "repeats"):
+    for name in ("steps", "repeats", "exchange_batch"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup_steps", "warmup_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -1136,6 +1142,7 @@ class Bench:
                 "floor_modes": [m.name for m in args.floor_modes],
                 "steps": args.steps,
                 "warmup_steps": args.warmup_steps,
+                "exchange_batch": args.exchange_batch,
                 "floor_sync_steps": args.floor_warmup_steps,
                 "guidance": args.guidance,
                 "repeats": args.repeats,
@@ -1355,6 +1362,7 @@ class Bench:
             exact=mode.exact,
             detect_new_image=False,
             timeout=datetime.timedelta(seconds=args.pg_timeout_s),
+            exchange_batch=args.exchange_batch,
         )
         entry: dict[str, Any] = {
             "partial": None if mode.full or mode.exact else mode.partial,

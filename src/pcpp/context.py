@@ -10,7 +10,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .comm.base import PatchCommunicator
+from .comm.base import Handle, Message, PatchCommunicator
+from .comm.outbox import Outbox
 from .config import PCPPConfig, Phase
 from .errors import PCPPError
 from .functional import partition_rows
@@ -130,6 +131,7 @@ class PatchContext:
         self.step = 0
         self.geometry: Geometry | None = None
         self.stats = CommStats()
+        self._outbox = Outbox(patch)
         self._layers: list[StatefulLayer] = []
         self._last_timestep: float | None = None
         self._pending_reset = True
@@ -167,6 +169,19 @@ class PatchContext:
         if not buffers or buffers[-1].numel() < numel:
             buffers.append(torch.empty(numel, dtype=like.dtype, device=like.device))
         return buffers[-1][:numel].view(shape)
+
+    def defer(self, messages: list[Message], what: str) -> Handle:
+        """Post one layer's asynchronous messages with those of the next layers (``config.exchange_batch`` of them
+        per batch; the end of the step posts what is left).
+
+        Args:
+            messages: the layer's sends and receives (possibly none; the layer counts all the same).
+            what: the layer and purpose, for error messages.
+
+        Returns:
+            The layer's handle; waiting on it posts its batch first if that is still open.
+        """
+        return self._outbox.post(messages, what, limit=self.config.exchange_batch)
 
     def order_token(self, device: torch.device) -> Tensor:
         """The one-element tensor that pcpp's torch.compile operators all declare they mutate, on ``device``.
@@ -214,6 +229,7 @@ class PatchContext:
         self._pending_reset = True
 
     def _start_image(self) -> None:
+        self._outbox.flush()
         for layer in self._layers:
             layer.reset_state()
         self.image += 1
@@ -280,6 +296,7 @@ class PatchContext:
 
     def end_step(self) -> None:
         """Advance to the next step of the current image (joining exchanges if ``join_at_step_end``)."""
+        self._outbox.flush()
         if self.join_at_step_end:
             for layer in self._layers:
                 layer.join()
@@ -293,6 +310,7 @@ class PatchContext:
 
     def drain(self) -> None:
         """Wait for every operation in flight, free all buffers, and start a new image at the next call."""
+        self._outbox.flush()
         for layer in self._layers:
             layer.release_state()
         self._scratch.clear()

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Handle", "PatchCommunicator"]
+__all__ = ["Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One point-to-point transfer of a batch (:meth:`PatchCommunicator.send_recv`).
+
+    Attributes:
+        peer: the other rank, as an index in the communicator's group.
+        tensor: contiguous data to send, or the buffer to receive into.
+        send: ``True`` to send ``tensor`` to ``peer``, ``False`` to receive into it from ``peer``.
+        tag: identifies the message between the two ranks; a send and the receive it feeds carry the same tag.
+    """
+
+    peer: int
+    tensor: Tensor
+    send: bool
+    tag: int
 
 
 @runtime_checkable
@@ -62,6 +81,20 @@ class PatchCommunicator(Protocol):
             A handle; the receive buffers are valid after ``wait()``.
         """
 
+    def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
+        """Post many point-to-point transfers, with any peers, as one batch (one NCCL launch on GPUs).
+
+        Every rank must post its messages in the same order as the peers that it exchanges with post theirs:
+        the ``k``-th send from ``a`` to ``b`` feeds the ``k``-th receive on ``b`` from ``a``.
+
+        Args:
+            messages: the transfers; an empty sequence posts nothing.
+            what: a short description for error messages.
+
+        Returns:
+            A handle; every receive buffer is valid, and every send buffer free, after ``wait()``.
+        """
+
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
         """Gather ``tensor`` from every rank into ``output`` (shape ``(world_size * n, ...)``), in rank order.
 
@@ -73,3 +106,69 @@ class PatchCommunicator(Protocol):
         Returns:
             A handle; ``output`` is valid after ``wait()``.
         """
+
+
+# Tags of one layer's messages: its tag times this, plus the direction. Gloo matches a receive by (peer, tag).
+_TAG_STRIDE = 2
+
+
+def neighbour_messages(
+    rank: int,
+    *,
+    send_up: Tensor | None,
+    send_down: Tensor | None,
+    recv_up: Tensor | None,
+    recv_down: Tensor | None,
+    tag: int,
+) -> list[Message]:
+    """The messages of one neighbour exchange (:meth:`PatchCommunicator.exchange`) of ``rank``.
+
+    Args:
+        rank: this rank; its neighbours are ``rank - 1`` ("up") and ``rank + 1`` ("down").
+        send_up: contiguous data for ``rank - 1``, or ``None``.
+        send_down: contiguous data for ``rank + 1``, or ``None``.
+        recv_up: buffer filled from ``rank - 1``, or ``None``.
+        recv_down: buffer filled from ``rank + 1``, or ``None``.
+        tag: the calling layer's tag; a message travelling down carries ``2 * tag``, one travelling up
+            ``2 * tag + 1``.
+
+    Returns:
+        Receives first, then sends, as :meth:`PatchCommunicator.send_recv` takes them.
+
+    Example:
+        >>> import torch
+        >>> [(m.peer, m.send, m.tag) for m in neighbour_messages(
+        ...     1, send_up=torch.zeros(2), send_down=None, recv_up=torch.zeros(2), recv_down=None, tag=3)]
+        [(0, False, 6), (0, True, 7)]
+    """
+    t_down, t_up = tag * _TAG_STRIDE, tag * _TAG_STRIDE + 1
+    messages: list[Message] = []
+    if recv_up is not None:
+        messages.append(Message(rank - 1, recv_up, False, t_down))
+    if recv_down is not None:
+        messages.append(Message(rank + 1, recv_down, False, t_up))
+    if send_up is not None:
+        messages.append(Message(rank - 1, send_up, True, t_up))
+    if send_down is not None:
+        messages.append(Message(rank + 1, send_down, True, t_down))
+    return messages
+
+
+def gather_messages(rank: int, world: int, mine: Tensor, slots: Sequence[Tensor], tag: int) -> list[Message]:
+    """The messages of an all-gather done point to point: ``mine`` to every other rank, and each other rank's
+    contribution into its slot.
+
+    Args:
+        rank: this rank.
+        world: number of ranks.
+        mine: this rank's contiguous contribution.
+        slots: one contiguous receive buffer per rank (``slots[rank]`` is not written).
+        tag: the calling layer's tag (every message carries ``2 * tag``).
+
+    Returns:
+        Receives first, then sends.
+    """
+    others = [peer for peer in range(world) if peer != rank]
+    return [Message(peer, slots[peer], False, tag * _TAG_STRIDE) for peer in others] + [
+        Message(peer, mine, True, tag * _TAG_STRIDE) for peer in others
+    ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from ..errors import PCPPError
-from .base import Handle
+from .base import Handle, Message
 
 __all__ = ["LocalCommunicator"]
 
@@ -52,6 +54,16 @@ class LocalCommunicator:
         """
         if any(t is not None for t in (send_up, send_down, recv_up, recv_down)):
             raise PCPPError(f"{what}: a single-rank group has no neighbours to exchange rows with.")
+        return _Done()
+
+    def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
+        """Nothing to send or receive: there are no peers.
+
+        Raises:
+            PCPPError: a message was passed, which means a caller believes there is a peer.
+        """
+        if messages:
+            raise PCPPError(f"{what}: a single-rank group has no peers to send to or receive from.")
         return _Done()
 
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ConversionError, PeerTimeoutError
-from .base import Handle
+from .base import Handle, Message, neighbour_messages
 
 __all__ = ["TorchCommunicator"]
 
@@ -18,9 +18,6 @@ logger = logging.getLogger(__name__)
 
 # ``all_gather_into_tensor`` was renamed; take whichever this torch has (same signature).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-# Tags of one exchange: a layer's tag times this, plus the direction. Gloo matches a receive by (peer, tag).
-_TAG_STRIDE = 2
 
 
 class _Works:
@@ -128,22 +125,22 @@ class TorchCommunicator:
         what: str,
     ) -> Handle:
         """Post sends to and receives from the neighbours; see :class:`PatchCommunicator`."""
-        up, down = self._rank - 1, self._rank + 1
-        # A message travelling down (to rank+1) carries tag*2, one travelling up carries tag*2+1.
-        t_down, t_up = tag * _TAG_STRIDE, tag * _TAG_STRIDE + 1
-        ops: list[dist.P2POp] = []
-        if recv_up is not None:
-            ops.append(dist.P2POp(dist.irecv, recv_up, self._global[up], self._group, t_down))
-        if recv_down is not None:
-            ops.append(dist.P2POp(dist.irecv, recv_down, self._global[down], self._group, t_up))
-        if send_up is not None:
-            ops.append(dist.P2POp(dist.isend, send_up, self._global[up], self._group, t_up))
-        if send_down is not None:
-            ops.append(dist.P2POp(dist.isend, send_down, self._global[down], self._group, t_down))
-        if not ops:
+        return self.send_recv(
+            neighbour_messages(
+                self._rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=tag
+            ),
+            what=what,
+        )
+
+    def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
+        """Post every message as one ``batch_isend_irecv``; see :class:`PatchCommunicator`."""
+        if not messages:
             return _Works((), what, self._blocking_timeout)
-        works = dist.batch_isend_irecv(ops)
-        return _Works(works, what, self._blocking_timeout)
+        ops = [
+            dist.P2POp(dist.isend if m.send else dist.irecv, m.tensor, self._global[m.peer], self._group, m.tag)
+            for m in messages
+        ]
+        return _Works(dist.batch_isend_irecv(ops), what, self._blocking_timeout)
 
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
         """Post an all-gather into ``output``; see :class:`PatchCommunicator`."""

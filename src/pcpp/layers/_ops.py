@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,21 +78,27 @@ def _layer(handle: int) -> Any:
     return layer
 
 
-@torch.library.custom_op("pcpp::conv_halo", mutates_args=("token",), tags=_TAGS)
-def conv_halo(strip: Tensor, token: Tensor, handle: int) -> Tensor:
-    """The strip with its halo rows attached (see ``PartialPatchConv2d._with_halo``)."""
+@torch.library.custom_op("pcpp::conv_halo_rows", mutates_args=("token",), tags=_TAGS)
+def conv_halo_rows(sent: Tensor, token: Tensor, handle: int, shape: Sequence[int]) -> Tensor:
+    """Swap a conv's boundary rows with the neighbours (see ``PartialPatchConv2d._swap_edges``).
+
+    Args:
+        sent: this rank's rows for the neighbours, flattened: the rows sent up, then the rows sent down.
+        token: the order token.
+        handle: the layer's handle.
+        shape: ``(B, C, h, W)`` of the strip.
+
+    Returns:
+        The halo rows this step reads, flattened: rows from above, then rows from below.
+    """
     with _running(handle) as layer:
-        out: Tensor = layer._with_halo(strip, layer.context.geometry)
-    if _shares_storage(out, strip):
-        # An operator's output may not alias its input; with no halo rows (a view of) the strip comes back.
-        out = out.clone(memory_format=torch.contiguous_format)
+        out: Tensor = layer._swap_edges(sent, list(shape))
     return out
 
 
-@conv_halo.register_fake
-def _conv_halo_fake(strip: Tensor, token: Tensor, handle: int) -> Tensor:
-    rows = _layer(handle).padded_rows(strip.shape[2])
-    return strip.new_empty((strip.shape[0], strip.shape[1], rows, strip.shape[3]))
+@conv_halo_rows.register_fake
+def _conv_halo_rows_fake(sent: Tensor, token: Tensor, handle: int, shape: Sequence[int]) -> Tensor:
+    return sent.new_empty((_layer(handle).halo_numel(list(shape)),))
 
 
 @torch.library.custom_op("pcpp::image_group_stats", mutates_args=("token",), tags=_TAGS)

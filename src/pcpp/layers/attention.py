@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor
 
+from ..comm.base import gather_messages, neighbour_messages
 from ..config import Conditioning, Phase
 from ..context import Geometry, PatchContext
 from ..errors import ConversionError, PCPPError
@@ -200,24 +201,19 @@ class PartialPatchAttention(PatchLayerState, Attention):
         so it lands in the context's scratch buffer, shared by all layers; with full conditioning it is the
         layer's own buffer, which the first asynchronous step reads.
         """
-        gathered = self._post_gather(kv, rows, width, scratch=self.context.config.conditioning is Conditioning.PARTIAL)
-        self._state.wait()
-        return gathered
-
-    def _post_gather(self, kv: Tensor, rows: tuple[int, ...], width: int, *, scratch: bool = False) -> Tensor:
         comm = self.context.patch
         tokens = max(rows) * width
-        if kv.shape[1] < tokens:
-            padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
-        else:
-            padded = self._send_copy(kv) if self.context.phase is Phase.ASYNC else kv  # SYNC: waited at once
+        padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else kv
         shape = (comm.world_size * kv.shape[0], tokens, kv.shape[2])
-        out = self.context.scratch(shape, kv) if scratch else self._state.get("all", shape, kv)
+        if self.context.config.conditioning is Conditioning.PARTIAL:
+            out = self.context.scratch(shape, kv)
+        else:
+            out = self._state.get("all", shape, kv)
         nbytes = padded.numel() * padded.element_size()
         self.context.stats.record(
             LayerKind.ATTENTION, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
         )
-        self._state.pending = comm.all_gather(out, padded, what=self._what("K/V all-gather"))
+        comm.all_gather(out, padded, what=self._what("K/V all-gather")).wait()
         return out
 
     def _keep_neighbour_rows(self, strips: list[Tensor], rows: tuple[int, ...], width: int, like: Tensor) -> None:
@@ -259,15 +255,14 @@ class PartialPatchAttention(PatchLayerState, Attention):
             sent=sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize,
             received=sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize,
         )
-        if send_up is not None or send_down is not None or recv_up is not None or recv_down is not None:
-            state.pending = comm.exchange(
-                send_up=send_up,
-                send_down=send_down,
-                recv_up=recv_up,
-                recv_down=recv_down,
-                tag=self._tag,
-                what=self._what("partial K/V exchange"),
-            )
+        # Every layer joins the batch, with or without messages (partial=0 has none): batches must close after
+        # the same layers on every rank.
+        state.pending = ctx.defer(
+            neighbour_messages(
+                rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag
+            ),
+            self._what("partial K/V exchange"),
+        )
         state.tag = (ctx.image, ctx.step)
         return context_kv
 
@@ -278,8 +273,16 @@ class PartialPatchAttention(PatchLayerState, Attention):
         stale = self._state.get("all", (world * batch, max(rows) * width, kv.shape[2]), kv)
         parts = [kv if j == rank else stale[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
         context_kv = torch.cat(parts, dim=1)
-        # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step.
-        self._post_gather(kv, rows, width)
+        # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step. Point
+        # to point (every other rank's slot), so that it joins the batch of the next layers' exchanges.
+        tokens = max(rows) * width
+        mine = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else self._send_copy(kv)
+        nbytes = mine.numel() * mine.element_size()
+        ctx.stats.record(LayerKind.ATTENTION, sent=nbytes * (world - 1), received=nbytes * (world - 1))
+        slots = [stale[j * batch : (j + 1) * batch] for j in range(world)]
+        self._state.pending = ctx.defer(
+            gather_messages(rank, world, mine, slots, self._tag), self._what("K/V all-gather")
+        )
         self._state.tag = (ctx.image, ctx.step)
         return context_kv
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm.base import Handle
+from ..comm.base import Handle, neighbour_messages
 from ..config import Phase
 from ..context import Geometry, PatchContext
 from ..errors import ConversionError, PCPPError
@@ -199,34 +200,71 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         top_pre, bottom_pre = self.row_padding
         strip = x[:, :, top_pre : x.shape[2] - bottom_pre] if (top_pre or bottom_pre) else x
         if torch.compiler.is_compiling():
-            # One opaque operator instead of a graph break; see pcpp.layers._ops.
-            token = self.context.order_token(strip.device)
-            return self._conv(torch.ops.pcpp.conv_halo(strip, token, self._handle))
+            return self._conv(self._traced_halo(strip, geo))
         return self._conv(self._with_halo(strip, geo))
 
-    def padded_rows(self, height: int) -> int:
-        """Rows of this rank's strip of ``height`` rows once its halo and edge zeros are attached.
+    def _plan(self, geo: Geometry, height: int) -> tuple[ConvHalo, int, int]:
+        """This rank's halo plan for a strip of ``height`` rows, and how many of its own rows it sends up and down
+        (as many as the neighbours' plans read)."""
+        rank, world = self.context.patch.rank, self.context.patch.world_size
+        level = geo.level_of(rank, height)
+        plans = self._halos(geo, level, geo.level_height(level))
+        send_up = plans[rank - 1].from_below if rank > 0 else 0
+        send_down = plans[rank + 1].from_above if rank + 1 < world else 0
+        return plans[rank], send_up, send_down
+
+    def _traced_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
+        """The strip with its halo rows attached, as traced by ``torch.compile``.
+
+        Only the boundary rows go through the ``pcpp::conv_halo_rows`` operator; the assembly stays in the
+        compiled graph, where Inductor writes the normalised strip and its halo rows straight into the layout the
+        convolution wants. (Assembling inside the operator cost two full copies of the activation per conv at
+        1024x1024 on an H100: the concatenation, then Inductor's conversion to channels-last.)
+        """
+        mine, send_up, send_down = self._plan(geo, strip.shape[2])
+        batch, channels, h, width = strip.shape
+        edges = [strip[:, :, :send_up].reshape(-1)] if send_up else []
+        if send_down:
+            edges.append(strip[:, :, h - send_down :].reshape(-1))
+        sent = torch.cat(edges) if edges else strip.new_empty(0)
+        token = self.context.order_token(strip.device)
+        # One opaque operator instead of a graph break; see pcpp.layers._ops.
+        halo = torch.ops.pcpp.conv_halo_rows(sent, token, self._handle, list(strip.shape))
+        n_up = batch * channels * mine.from_above * width
+        parts: list[Tensor] = []
+        if mine.zeros_top:
+            parts.append(strip.new_zeros(batch, channels, mine.zeros_top, width))
+        if mine.from_above:
+            parts.append(halo[:n_up].view(batch, channels, mine.from_above, width))
+        parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
+        if mine.from_below:
+            parts.append(halo[n_up:].view(batch, channels, mine.from_below, width))
+        if mine.zeros_bottom:
+            parts.append(strip.new_zeros(batch, channels, mine.zeros_bottom, width))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def halo_numel(self, shape: tuple[int, ...] | list[int]) -> int:
+        """Elements of the halo rows that a strip of ``shape`` receives (``pcpp::conv_halo_rows``'s output).
 
         Args:
-            height: rows of the strip as this conv receives it (without ``row_padding``).
+            shape: ``(B, C, h, W)`` of the strip as this conv receives it (without ``row_padding``).
 
         Returns:
-            The height of what the conv then convolves (the shape of ``pcpp::conv_halo``'s output).
+            ``B * C * W`` times the rows taken from above and below.
 
         Raises:
-            PCPPError: no step is open, or ``height`` matches no level of the strip.
+            PCPPError: no step is open, or ``h`` matches no level of the strip.
         """
         require_geometry(self.context, self.pcpp_name)
         geo = self.context.geometry
         assert geo is not None  # for mypy
-        rank = self.context.patch.rank
-        level = geo.level_of(rank, height)
-        mine = self._halos(geo, level, geo.level_height(level))[rank]
-        halo = mine.zeros_top + mine.from_above + mine.from_below + mine.zeros_bottom
-        return height - mine.crop_top - mine.crop_bottom + halo
+        batch, channels, height, width = shape
+        mine, _, _ = self._plan(geo, height)
+        return batch * channels * width * (mine.from_above + mine.from_below)
 
-    # Every phase-dependent branch and all communication sit in this one method. Under torch.compile it runs
-    # inside the pcpp::conv_halo operator (the decorator only matters where it is called directly while compiling).
+    # Every phase-dependent branch and all communication sit in the two methods below. Under torch.compile they
+    # run inside the pcpp::conv_halo_rows operator (the decorator only matters where they are called directly
+    # while compiling).
     @torch.compiler.disable
     def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
         """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv.
@@ -235,57 +273,109 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         halo was assembled (so before the conv runs): the assembly has read the receive buffers by then, in
         stream order on a GPU and in program order on a CPU, and the exchange overlaps with the conv itself.
         """
+        state = self._state
+        mine, send_up, send_down = self._plan(geo, strip.shape[2])
+        batch, channels, h, width = strip.shape
+
+        def attach(recv_up: Tensor | None, recv_down: Tensor | None) -> Tensor:
+            parts: list[Tensor] = []
+            if mine.zeros_top:
+                parts.append(state.get("zt", (batch, channels, mine.zeros_top, width), strip, zeros=True))
+            if recv_up is not None:
+                parts.append(recv_up)
+            parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
+            if recv_down is not None:
+                parts.append(recv_down)
+            if mine.zeros_bottom:
+                parts.append(state.get("zb", (batch, channels, mine.zeros_bottom, width), strip, zeros=True))
+            return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+        return self._swap(
+            strip[:, :, :send_up] if send_up else None,
+            strip[:, :, h - send_down :] if send_down else None,
+            mine,
+            (batch, channels, width),
+            strip,
+            attach,
+        )
+
+    @torch.compiler.disable
+    def _swap_edges(self, sent: Tensor, shape: list[int]) -> Tensor:
+        """``pcpp::conv_halo_rows``: post the flattened boundary rows ``sent`` (rows sent up, then down) and
+        return the halo rows this step reads, flattened (rows from above, then from below), as a new tensor."""
+        geo = self.context.geometry
+        assert geo is not None  # the operator's fake checked it
+        batch, channels, height, width = shape
+        mine, send_up, send_down = self._plan(geo, height)
+        n_up = batch * channels * send_up * width
+        return self._swap(
+            sent[:n_up].view(batch, channels, send_up, width) if send_up else None,
+            sent[n_up:].view(batch, channels, send_down, width) if send_down else None,
+            mine,
+            (batch, channels, width),
+            sent,
+            lambda up, down: torch.cat([t.reshape(-1) for t in (up, down) if t is not None] or [sent.new_empty(0)]),
+        )
+
+    def _swap(
+        self,
+        send_up: Tensor | None,
+        send_down: Tensor | None,
+        mine: ConvHalo,
+        bcw: tuple[int, int, int],
+        like: Tensor,
+        read: Callable[[Tensor | None, Tensor | None], Tensor],
+    ) -> Tensor:
+        """Exchange boundary rows with the neighbours and return ``read(rows from above, rows from below)``.
+
+        Synchronous steps read this step's rows; asynchronous steps read the previous step's and then post this
+        step's (``read`` runs before the post, so the receive buffers are read before they are overwritten).
+        """
         ctx, state = self.context, self._state
-        rank = ctx.patch.rank
-        level = geo.level_of(rank, strip.shape[2])
-        plans = self._halos(geo, level, geo.level_height(level))
-        mine = plans[rank]
-        h = strip.shape[2]
-        batch, channels, width = strip.shape[0], strip.shape[1], strip.shape[3]
-        recv_up = state.get("up", (batch, channels, mine.from_above, width), strip) if mine.from_above else None
-        recv_down = state.get("down", (batch, channels, mine.from_below, width), strip) if mine.from_below else None
+        batch, channels, width = bcw
+        recv_up = state.get("up", (batch, channels, mine.from_above, width), like) if mine.from_above else None
+        recv_down = state.get("down", (batch, channels, mine.from_below, width), like) if mine.from_below else None
         state.wait()
-        sync = ctx.phase is Phase.SYNC
-        if sync:
-            self._post(strip, plans, recv_up, recv_down).wait()
+        if ctx.phase is Phase.SYNC:
+            self._post(send_up, send_down, recv_up, recv_down, defer=False).wait()
+            out = read(recv_up, recv_down)
         else:
             state.require_previous_step(ctx, self.pcpp_name)
-        parts: list[Tensor] = []
-        if mine.zeros_top:
-            parts.append(state.get("zt", (batch, channels, mine.zeros_top, width), strip, zeros=True))
-        if recv_up is not None:
-            parts.append(recv_up)
-        parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
-        if recv_down is not None:
-            parts.append(recv_down)
-        if mine.zeros_bottom:
-            parts.append(state.get("zb", (batch, channels, mine.zeros_bottom, width), strip, zeros=True))
-        padded = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        if not sync:
-            state.pending = self._post(strip, plans, recv_up, recv_down)
+            out = read(recv_up, recv_down)
+            state.pending = self._post(send_up, send_down, recv_up, recv_down, defer=True)
         state.tag = (ctx.image, ctx.step)
-        return padded
+        return out
 
-    def _post(self, strip: Tensor, plans: list[ConvHalo], recv_up: Tensor | None, recv_down: Tensor | None) -> Handle:
-        comm = self.context.patch
-        rank, world, h = comm.rank, comm.world_size, strip.shape[2]
-        send_up = send_down = None
-        if rank > 0 and plans[rank - 1].from_below:
-            send_up = strip[:, :, : plans[rank - 1].from_below]
-        if rank + 1 < world and plans[rank + 1].from_above:
-            send_down = strip[:, :, h - plans[rank + 1].from_above :]
+    def _post(
+        self,
+        send_up: Tensor | None,
+        send_down: Tensor | None,
+        recv_up: Tensor | None,
+        recv_down: Tensor | None,
+        *,
+        defer: bool,
+    ) -> Handle:
+        """Post the exchange: at once (synchronous steps), or with the next layers' (``PatchContext.defer``)."""
         send_up, send_down = self._send_pair(send_up, send_down)
-        itemsize = strip.element_size()
+        present = [t for t in (send_up, send_down, recv_up, recv_down) if t is not None]
+        itemsize = present[0].element_size() if present else 0
         sent = sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize
         received = sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize
-        self.context.stats.record(LayerKind.CONV, sent=sent, received=received)
-        return comm.exchange(
-            send_up=send_up,
-            send_down=send_down,
-            recv_up=recv_up,
-            recv_down=recv_down,
-            tag=self._tag,
-            what=f"{self.pcpp_name} (conv halo, step {self.context.step})",
+        ctx = self.context
+        ctx.stats.record(LayerKind.CONV, sent=sent, received=received)
+        what = f"{self.pcpp_name} (conv halo, step {ctx.step})"
+        if defer:
+            messages = neighbour_messages(
+                ctx.patch.rank,
+                send_up=send_up,
+                send_down=send_down,
+                recv_up=recv_up,
+                recv_down=recv_down,
+                tag=self._tag,
+            )
+            return ctx.defer(messages, what)
+        return ctx.patch.exchange(
+            send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag, what=what
         )
 
     def extra_repr(self) -> str:

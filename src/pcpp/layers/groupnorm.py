@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..comm.base import Handle
+from ..comm.base import Handle, gather_messages
 from ..config import Phase
 from ..context import PatchContext
 from ..kernels import NormOps
@@ -106,17 +106,26 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
                     self.pcpp_name,
                     int(fell_back.sum()),
                 )
-            # Reading ``gathered`` above is ordered before this gather overwrites it (same stream, or CPU).
-            state.pending = self._post(gathered, fresh)
+            # Reading ``gathered`` above is ordered before it is overwritten below (same stream, or CPU). The own
+            # slot keeps this step's statistics (the next step's correction reads them) and is what the other
+            # ranks receive, point to point, with the next layers' exchanges.
+            slots = [gathered[j * fresh.shape[0] : (j + 1) * fresh.shape[0]] for j in range(comm.world_size)]
+            slots[comm.rank].copy_(fresh)
+            self._record(fresh)
+            state.pending = ctx.defer(
+                gather_messages(comm.rank, comm.world_size, slots[comm.rank], slots, self._tag), self._what()
+            )
         state.tag = (ctx.image, ctx.step)
         return mean, var
 
-    def _post(self, gathered: Tensor, fresh: Tensor) -> Handle:
-        comm = self.context.patch
+    def _what(self) -> str:
+        return f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
+
+    def _record(self, fresh: Tensor) -> None:
+        others = self.context.patch.world_size - 1
         nbytes = fresh.numel() * fresh.element_size()
-        self.context.stats.record(
-            LayerKind.GROUPNORM, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
-        )
-        return comm.all_gather(
-            gathered, self._send_copy(fresh), what=f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
-        )
+        self.context.stats.record(LayerKind.GROUPNORM, sent=nbytes * others, received=nbytes * others)
+
+    def _post(self, gathered: Tensor, fresh: Tensor) -> Handle:
+        self._record(fresh)
+        return self.context.patch.all_gather(gathered, fresh, what=self._what())
