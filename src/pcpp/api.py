@@ -60,7 +60,7 @@ def convert(
     timeout: timedelta = timedelta(minutes=5),
     detect_new_image: bool = True,
     fused_norm: bool = True,
-    exchange_batch: int = 16,
+    exchange_batch: int = 1,
 ) -> M:
     """Convert a diffusers UNet in place to Partially Conditioned Patch Parallelism, and return it.
 

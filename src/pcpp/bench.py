@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exchange-batch",
         type=int,
-        default=16,
+        default=1,
         help="layers whose asynchronous exchanges pcpp posts together (PCPPConfig.exchange_batch; 1: each at once)",
     )
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
