@@ -101,8 +101,8 @@ profile)
   ;;
 one)
   # 1 GPU alone on its machine (a 1-GPU kind will do): every single-GPU path against pcpp on one rank.
-  bench 400 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph --compile --no-fidelity \
-    --repeats 3 --deadline-s 390 --out "$R/pcpp_n1_alone.json"; mark n1_alone
+  bench 330 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph --compile --no-fidelity \
+    --repeats 3 --deadline-s 320 --out "$R/pcpp_n1_alone.json"; mark n1_alone
   ;;
 cfg2)
   bench_on 0,1 "$OUT/n2.txt" 330 2 --resolutions 2048 --modes single partial:0.3 --single-variants graph --compile-only \
