@@ -408,3 +408,43 @@ def compiled_sizes(rank: int, world: int, case: Case, sizes: list[tuple[int, int
         got, _ = ddim_loop(unet, sized, compiled)
         errors.append(float((got - ref).norm() / ref.norm()))
     return errors
+
+
+class RecordingComm:
+    """A communicator that records every point-to-point message it posts (peer, direction, tag, elements) and
+    hands the work to ``inner``; NCCL matches messages by order, so the records of two ranks must pair up."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.posts: list[list[tuple[int, bool, int, int]]] = []
+
+    @property
+    def rank(self) -> int:
+        return int(self.inner.rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.inner.world_size)
+
+    def exchange(self, *, tag: int, what: str, **tensors: Any) -> Any:
+        from pcpp.comm.base import neighbour_messages
+
+        return self.send_recv(neighbour_messages(self.rank, tag=tag, **tensors), what=what)
+
+    def send_recv(self, messages: Any, *, what: str) -> Any:
+        self.posts.append([(m.peer, m.send, m.tag, m.tensor.numel()) for m in messages])
+        return self.inner.send_recv(messages, what=what)
+
+    def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Any:
+        return self.inner.all_gather(output, tensor, what=what)
+
+
+def message_log(rank: int, world: int, case: Case) -> list[list[tuple[int, bool, int, int]]]:
+    """The point-to-point posts of one loop of ``case`` (no CFG split), through :class:`RecordingComm`."""
+    from pcpp.comm import TorchCommunicator
+
+    unet = build_unet(case)
+    comm = RecordingComm(TorchCommunicator())
+    pcpp.convert(unet, comm=comm, **case.convert)
+    ddim_loop(unet, case)
+    return comm.posts

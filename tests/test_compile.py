@@ -29,8 +29,20 @@ from pcpp.testing import run_distributed
         ),
         # A middle rank: both neighbours' rows are sent from inside the operators (one stacked copy).
         (3, Case(family="tiny", height=24, width=8, steps=4, convert={"warmup_steps": 2, "partial": 0.5})),
+        # Batched exchanges: sends built inside one operator leave from a later one, after Inductor may have
+        # reused the first operator's inputs (the sends must be copies the layer owns).
+        (
+            3,
+            Case(
+                family="tiny",
+                height=24,
+                width=8,
+                steps=4,
+                convert={"warmup_steps": 2, "partial": 0.5, "exchange_batch": 4},
+            ),
+        ),
     ],
-    ids=["partial", "full", "partial-3-ranks"],
+    ids=["partial", "full", "partial-3-ranks", "batched-3-ranks"],
 )
 def test_compiled_loop_matches_eager(world: int, case: Case) -> None:
     """Inductor compiles the converted UNet around pcpp's exchange operators (pcpp.layers._ops) instead of

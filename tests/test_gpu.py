@@ -25,6 +25,8 @@ SDXL = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
         (2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3}), False),
         (4, Case(**SDXL, cfg_split=True, convert={"warmup_steps": 2}), False),
         (2, Case(family="sd15", height=32, width=32, steps=8, convert=FULL), False),
+        # Batched exchanges: a batch is posted by a later layer (or the step's end) inside the captured graph.
+        (2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3, "exchange_batch": 8}), False),
         pytest.param(2, Case(**SDXL, convert={"warmup_steps": 2}), True, marks=pytest.mark.slow),
     ],
 )

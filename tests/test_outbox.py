@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pcpp
-from dist_workers import Case, two_modes
+from dist_workers import Case, message_log, two_modes
 from pcpp.comm import Message
 from pcpp.comm.base import gather_messages, neighbour_messages
 from pcpp.comm.outbox import Outbox
@@ -80,6 +80,44 @@ def test_waiting_on_an_open_batch_posts_it_first() -> None:
     assert len(comm.batches) == 1
 
 
+class _Broken(RecordingComm):
+    def send_recv(self, messages: Sequence[Message], *, what: str) -> _Done:
+        raise RuntimeError("peer gone")
+
+
+def test_a_batch_that_failed_to_post_is_never_replaced() -> None:
+    """If posting raises, waiting on the batch raises PCPPError instead of posting the next layers' messages in
+    its place (which would pair with the wrong messages on the peers)."""
+    box = Outbox(_Broken())
+    pending = box.post(_messages(0, 2), "layer 0", limit=2)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        box.post(_messages(1, 2), "layer 1", limit=2)
+    box.post(_messages(2, 2), "layer 2", limit=2)
+    with pytest.raises(pcpp.PCPPError, match="never posted.*peer gone"):
+        pending.wait()
+    assert box.open_layers == 1
+
+
+def test_a_step_that_stopped_midway_is_discarded_at_reset(caplog: pytest.LogCaptureFixture) -> None:
+    """A call that raised midway leaves layers in the open batch: the next call refuses to run out of step with
+    the peers, and pcpp.reset (a new image) drops the batch unposted, with a warning."""
+    from pcpp.context import PatchContext
+
+    comm = RecordingComm()
+    ctx = PatchContext(pcpp.PCPPConfig(exchange_batch=4), comm, unit=1, levels=0)  # type: ignore[arg-type]
+    ctx.begin_step(8, 8, None)
+    pending = ctx.defer(_messages(0, 2), "layer 0")  # the step raises here: no end_step
+    with pytest.raises(pcpp.PCPPError, match="stopped midway"):
+        ctx.begin_step(8, 8, None)
+    ctx.request_reset()
+    with caplog.at_level("WARNING", logger="pcpp.context"):
+        ctx.begin_step(8, 8, None)
+    assert "dropped the unsent exchanges of 1 layers" in caplog.text
+    pending.wait()  # waits on nothing
+    ctx.end_step()
+    assert comm.batches == []
+
+
 def test_point_to_point_gather_and_neighbour_tags_match_their_receives() -> None:
     """Every send of one rank is received by its peer under the same tag (gloo matches by peer and tag; NCCL by
     order, which the batches keep)."""
@@ -131,3 +169,46 @@ def test_batching_changes_no_value(world: int, convert: dict[str, object]) -> No
     for result in run_distributed(two_modes, world, alone, batched, timeout=300):
         for a, b in zip(result["first"], result["second"], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("world", "convert"),
+    [
+        (3, {"warmup_steps": 2, "partial": 0.3, "exchange_batch": 3}),
+        (3, {"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL, "exchange_batch": 4}),
+        (4, {"warmup_steps": 1, "partial": 0.0, "exchange_batch": 5}),
+        (2, {"warmup_steps": 1, "partial": 0.5, "exchange_batch": 1}),
+    ],
+    ids=["partial-3", "full-3", "partial0-4", "unbatched-2"],
+)
+def test_every_rank_posts_matching_batches(world: int, convert: dict[str, object]) -> None:
+    """What NCCL needs and gloo does not check (gloo matches by tag, NCCL by order): every rank posts the same
+    number of batches, and for each ordered pair of ranks the k-th message a sends to b is the k-th that b
+    receives from a, with the same tag and size. Edge ranks and layers without messages (partial=0) must still
+    count towards the batches for this to hold."""
+    case = Case(family="tiny", height=8 * world, width=8, steps=4, convert=convert)
+    logs = run_distributed(message_log, world, case, timeout=300)
+    assert len({len(log) for log in logs}) == 1, [len(log) for log in logs]
+    for a in range(world):
+        for b in range(world):
+            if a != b:
+                sent = [(tag, n) for post in logs[a] for peer, send, tag, n in post if send and peer == b]
+                got = [(tag, n) for post in logs[b] for peer, send, tag, n in post if not send and peer == a]
+                assert sent == got, (a, b)
+
+
+def test_a_communicator_without_send_recv_is_named_in_the_error() -> None:
+    """Communicators written before send_recv existed are refused with the missing method named."""
+    from datetime import timedelta
+
+    from pcpp.comm.groups import resolve_groups
+
+    class Old:
+        rank, world_size = 0, 2
+
+        def exchange(self, **kwargs: object) -> None: ...
+
+        def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, *, what: str) -> None: ...
+
+    with pytest.raises(pcpp.ConversionError, match="lacks send_recv"):
+        resolve_groups(Old(), timedelta(seconds=1))

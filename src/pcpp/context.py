@@ -229,7 +229,7 @@ class PatchContext:
         self._pending_reset = True
 
     def _start_image(self) -> None:
-        self._outbox.flush()
+        self._discard_unfinished_step()
         for layer in self._layers:
             layer.reset_state()
         self.image += 1
@@ -264,7 +264,18 @@ class PatchContext:
         self._last_timestep = timestep
         if self._pending_reset:
             self._start_image()
+        elif self._outbox.open_layers:
+            raise PCPPError(
+                f"the previous call of this UNet stopped midway (an exception?) and left "
+                f"{self._outbox.open_layers} layers' exchanges unsent, so this rank is out of step with its peers; "
+                "call pcpp.reset(unet) on every rank and start the image again."
+            )
         self.stats.begin_step(image=self.image, step=self.step, phase=self.phase.value)
+
+    def _discard_unfinished_step(self) -> None:
+        dropped = self._outbox.discard()
+        if dropped:
+            logger.warning("pcpp: dropped the unsent exchanges of %d layers of a step that stopped midway", dropped)
 
     def _timestep_went_up(self, timestep: float | None) -> bool:
         return (
@@ -310,7 +321,7 @@ class PatchContext:
 
     def drain(self) -> None:
         """Wait for every operation in flight, free all buffers, and start a new image at the next call."""
-        self._outbox.flush()
+        self._discard_unfinished_step()
         for layer in self._layers:
             layer.release_state()
         self._scratch.clear()

@@ -46,8 +46,8 @@ class ParallelGroups:
                 continue
             if not isinstance(value, PatchCommunicator):
                 raise ConversionError(
-                    f"ParallelGroups.{name}={value!r} is not a pcpp communicator (it needs rank, world_size, "
-                    "exchange and all_gather); wrap a process group as pcpp.comm.TorchCommunicator(group)."
+                    f"ParallelGroups.{name}={value!r} is not a pcpp communicator ({_missing(value)}); wrap a "
+                    "process group as pcpp.comm.TorchCommunicator(group)."
                 )
         if self.cfg is not None and self.cfg.world_size not in (1, 2):
             raise ConversionError(
@@ -114,7 +114,21 @@ def resolve_groups(comm: CommLike, timeout: timedelta) -> ParallelGroups:
         return _from_mesh(comm, timeout)
     if isinstance(comm, PatchCommunicator):
         return ParallelGroups(patch=comm)
+    if any(hasattr(comm, member) for member in _PROTOCOL):
+        raise ConversionError(
+            f"comm={comm!r} ({type(comm).__name__}) looks like a pcpp communicator but {_missing(comm)}; see "
+            "pcpp.comm.PatchCommunicator (pcpp.comm.TorchCommunicator implements it over a process group)."
+        )
     raise ConversionError(
         f"comm={comm!r} ({type(comm).__name__}) is not a process group, a DeviceMesh, a pcpp communicator or "
         "pcpp.comm.ParallelGroups; pass one of those, or None for the default process group."
     )
+
+
+_PROTOCOL = ("rank", "world_size", "exchange", "send_recv", "all_gather")
+
+
+def _missing(comm: object) -> str:
+    """Which members of :class:`PatchCommunicator` ``comm`` lacks, in words."""
+    missing = [member for member in _PROTOCOL if not hasattr(comm, member)]
+    return f"it lacks {', '.join(missing)}" if missing else "its members do not match"

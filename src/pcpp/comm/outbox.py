@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import PCPPError
 from .base import Handle, Message, PatchCommunicator
 
 __all__ = ["Outbox"]
@@ -14,13 +15,14 @@ logger = logging.getLogger(__name__)
 class _Batch:
     """The messages of consecutive layers, and the handle of their transfer once posted."""
 
-    __slots__ = ("handle", "layers", "messages", "what")
+    __slots__ = ("error", "handle", "layers", "messages", "what")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.what: list[str] = []
         self.layers = 0
         self.handle: Handle | None = None
+        self.error: str | None = None
 
 
 class _Pending:
@@ -32,10 +34,16 @@ class _Pending:
         self._outbox, self._batch = outbox, batch
 
     def wait(self) -> None:
-        if self._batch.handle is None:
+        batch = self._batch
+        if batch.handle is None and batch is self._outbox.open_batch:
             self._outbox.flush()
-        assert self._batch.handle is not None  # flush posted it: it was the open batch
-        self._batch.handle.wait()
+        if batch.handle is None:
+            # Posting it raised: never post other layers' messages in its place (peers match by order).
+            raise PCPPError(
+                f"an exchange batch was never posted ({batch.error}); the image cannot continue. Call "
+                "pcpp.reset(unet) on every rank and start the image again."
+            )
+        batch.handle.wait()
 
 
 class Outbox:
@@ -85,14 +93,46 @@ class Outbox:
             self.flush()
         return handle
 
+    @property
+    def open_batch(self) -> _Batch:
+        """The batch that collects the next layer's messages."""
+        return self._open
+
+    @property
+    def open_layers(self) -> int:
+        """Layers in the open batch (0 between steps: every step ends with :meth:`flush`)."""
+        return self._open.layers
+
     def flush(self) -> None:
-        """Post the open batch now (at the end of a step, or when a layer must wait on it)."""
+        """Post the open batch now (at the end of a step, or when a layer must wait on it).
+
+        Raises:
+            Whatever the communicator raises; the batch then stays unposted, and waiting on it raises
+            :class:`pcpp.PCPPError`.
+        """
         batch, self._open = self._open, _Batch()
         if batch.layers == 0:
             batch.handle = _NOTHING
             return
         what = f"{len(batch.what)} layers' exchanges ({batch.what[0]} .. {batch.what[-1]})" if batch.what else ""
-        batch.handle = self.comm.send_recv(batch.messages, what=what) if batch.messages else _NOTHING
+        try:
+            batch.handle = self.comm.send_recv(batch.messages, what=what) if batch.messages else _NOTHING
+        except BaseException as err:
+            batch.error = f"{type(err).__name__}: {err}"
+            raise
+
+    def discard(self) -> int:
+        """Drop the open batch unposted; its layers' handles then wait on nothing.
+
+        For a step that stopped midway (an exception): its peers never reach the same batch, so posting it would
+        pair messages that do not belong together.
+
+        Returns:
+            The number of layers dropped.
+        """
+        batch, self._open = self._open, _Batch()
+        batch.handle = _NOTHING
+        return batch.layers
 
 
 class _Nothing:

@@ -262,16 +262,17 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         mine, _, _ = self._plan(geo, height)
         return batch * channels * width * (mine.from_above + mine.from_below)
 
-    # Every phase-dependent branch and all communication sit in the two methods below. Under torch.compile they
-    # run inside the pcpp::conv_halo_rows operator (the decorator only matters where they are called directly
-    # while compiling).
+    # Every phase-dependent branch and all communication sit in _swap, which the eager path reaches through
+    # _with_halo and the compiled path through the pcpp::conv_halo_rows operator (_swap_edges); the decorators
+    # only matter where these methods are called directly while compiling.
     @torch.compiler.disable
     def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
         """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv.
 
-        In asynchronous steps this step's boundary rows are posted for the neighbours' next step right after the
-        halo was assembled (so before the conv runs): the assembly has read the receive buffers by then, in
-        stream order on a GPU and in program order on a CPU, and the exchange overlaps with the conv itself.
+        In asynchronous steps this step's boundary rows go out for the neighbours' next step after the halo was
+        assembled (see ``_swap``): the assembly has read the receive buffers by then, in stream order on a GPU and
+        in program order on a CPU. They leave at once with ``exchange_batch=1`` (overlapping with the conv
+        itself), else with the batch of the next layers (``PatchContext.defer``).
         """
         state = self._state
         mine, send_up, send_down = self._plan(geo, strip.shape[2])
