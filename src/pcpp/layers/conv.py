@@ -365,19 +365,10 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         ctx = self.context
         ctx.stats.record(LayerKind.CONV, sent=sent, received=received)
         what = f"{self.pcpp_name} (conv halo, step {ctx.step})"
-        if defer:
-            messages = neighbour_messages(
-                ctx.patch.rank,
-                send_up=send_up,
-                send_down=send_down,
-                recv_up=recv_up,
-                recv_down=recv_down,
-                tag=self._tag,
-            )
-            return ctx.defer(messages, what)
-        return ctx.patch.exchange(
-            send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag, what=what
+        messages = neighbour_messages(
+            ctx.patch.rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag
         )
+        return ctx.defer(messages, what) if defer else ctx.patch.send_recv(messages, what=what)
 
     def extra_repr(self) -> str:
         extra = ", entry=True" if self.entry else ""
