@@ -426,11 +426,6 @@ class RecordingComm:
     def world_size(self) -> int:
         return int(self.inner.world_size)
 
-    def exchange(self, *, tag: int, what: str, **tensors: Any) -> Any:
-        from pcpp.comm.base import neighbour_messages
-
-        return self.send_recv(neighbour_messages(self.rank, tag=tag, **tensors), what=what)
-
     def send_recv(self, messages: Any, *, what: str) -> Any:
         self.posts.append([(m.peer, m.send, m.tag, m.tensor.numel()) for m in messages])
         return self.inner.send_recv(messages, what=what)

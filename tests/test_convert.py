@@ -34,9 +34,6 @@ class FakeComm:
     def world_size(self) -> int:
         return self._world_size
 
-    def exchange(self, **kwargs: object) -> _Done:
-        raise AssertionError("FakeComm cannot communicate")
-
     def send_recv(self, messages: object, *, what: str) -> _Done:
         raise AssertionError("FakeComm cannot communicate")
 

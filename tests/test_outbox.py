@@ -198,7 +198,8 @@ def test_every_rank_posts_matching_batches(world: int, convert: dict[str, object
 
 
 def test_a_communicator_without_send_recv_is_named_in_the_error() -> None:
-    """Communicators written before send_recv existed are refused with the missing method named."""
+    """Communicators written before send_recv existed (they had ``exchange``, which pcpp no longer calls) are
+    refused with the missing method named."""
     from datetime import timedelta
 
     from pcpp.comm.groups import resolve_groups

@@ -57,30 +57,6 @@ class PatchCommunicator(Protocol):
     def world_size(self) -> int:
         """Number of ranks (strips) in the group."""
 
-    def exchange(
-        self,
-        *,
-        send_up: Tensor | None,
-        send_down: Tensor | None,
-        recv_up: Tensor | None,
-        recv_down: Tensor | None,
-        tag: int,
-        what: str,
-    ) -> Handle:
-        """Point-to-point exchange with the neighbours ``rank - 1`` ("up") and ``rank + 1`` ("down").
-
-        Args:
-            send_up: contiguous tensor for ``rank - 1``, or ``None`` to send nothing up.
-            send_down: contiguous tensor for ``rank + 1``, or ``None``.
-            recv_up: buffer filled from ``rank - 1``, or ``None``.
-            recv_down: buffer filled from ``rank + 1``, or ``None``.
-            tag: identifies the calling layer; matching sends and receives use the same tag.
-            what: a short description for error messages (layer name and purpose).
-
-        Returns:
-            A handle; the receive buffers are valid after ``wait()``.
-        """
-
     def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
         """Post many point-to-point transfers, with any peers, as one batch (one NCCL launch on GPUs).
 
@@ -121,7 +97,7 @@ def neighbour_messages(
     recv_down: Tensor | None,
     tag: int,
 ) -> list[Message]:
-    """The messages of one neighbour exchange (:meth:`PatchCommunicator.exchange`) of ``rank``.
+    """The messages of ``rank``'s exchange with its neighbours ``rank - 1`` ("up") and ``rank + 1`` ("down").
 
     Args:
         rank: this rank; its neighbours are ``rank - 1`` ("up") and ``rank + 1`` ("down").

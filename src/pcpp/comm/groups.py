@@ -125,7 +125,7 @@ def resolve_groups(comm: CommLike, timeout: timedelta) -> ParallelGroups:
     )
 
 
-_PROTOCOL = ("rank", "world_size", "exchange", "send_recv", "all_gather")
+_PROTOCOL = ("rank", "world_size", "send_recv", "all_gather")
 
 
 def _missing(comm: object) -> str:

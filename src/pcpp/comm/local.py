@@ -37,25 +37,6 @@ class LocalCommunicator:
         """Always 1."""
         return 1
 
-    def exchange(
-        self,
-        *,
-        send_up: Tensor | None,
-        send_down: Tensor | None,
-        recv_up: Tensor | None,
-        recv_down: Tensor | None,
-        tag: int,
-        what: str,
-    ) -> Handle:
-        """Nothing to exchange with: there are no neighbours.
-
-        Raises:
-            PCPPError: a tensor was passed, which means a caller believes there is a neighbour.
-        """
-        if any(t is not None for t in (send_up, send_down, recv_up, recv_down)):
-            raise PCPPError(f"{what}: a single-rank group has no neighbours to exchange rows with.")
-        return _Done()
-
     def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
         """Nothing to send or receive: there are no peers.
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ConversionError, PeerTimeoutError
-from .base import Handle, Message, neighbour_messages
+from .base import Handle, Message
 
 __all__ = ["TorchCommunicator"]
 
@@ -113,24 +113,6 @@ class TorchCommunicator:
         if self._blocking_timeout is not None:
             self._blocking_timeout = timeout
         return self
-
-    def exchange(
-        self,
-        *,
-        send_up: Tensor | None,
-        send_down: Tensor | None,
-        recv_up: Tensor | None,
-        recv_down: Tensor | None,
-        tag: int,
-        what: str,
-    ) -> Handle:
-        """Post sends to and receives from the neighbours; see :class:`PatchCommunicator`."""
-        return self.send_recv(
-            neighbour_messages(
-                self._rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=tag
-            ),
-            what=what,
-        )
 
     def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
         """Post every message as one ``batch_isend_irecv``; see :class:`PatchCommunicator`."""
