@@ -4,8 +4,8 @@
 # Needs the wheel folders .whl and .whl-df (scripts/fetch_device_wheels.sh). From the repository root:
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
-#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3 (1024, 2048)
-#   OUT=/some/dir bash benchmarks/device_run.sh c3072     # the same at 3072
+#   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3 (1024)
+#   OUT=/some/dir bash benchmarks/device_run.sh c2048     # the same at 2048 (then c3072), on the same machine
 #   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
@@ -16,7 +16,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, c3072, profile, one, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, c2048, c3072, profile, one, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -61,18 +61,20 @@ small)
     --deadline-s 55 --out "$R/pcpp_n1.json"; mark n1
   ;;
 compile)
-  # torch.compile headline at 1024 and 2048 (3072: the c3072 part, right after on the same machine). Compiling
-  # the SDXL layout takes 100-115 s per resolution on an H100; the last run repeats 1024 with every layer's
-  # exchange posted on its own (--exchange-batch 1), which reuses the compiled graph (Inductor's cache).
-  distrifusion 75 1024; distrifusion 75 2048; mark distrifusion
-  bench 300 4 --resolutions 1024 2048 --modes partial:0.3 --compile-only --repeats 2 \
-    --profile "$R/prof" --deadline-s 290 --out "$R/pcpp_n4_compile.json"; mark n4_compile
-  bench 120 4 --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --exchange-batch 1 \
-    --deadline-s 110 --out "$R/pcpp_n4_compile_batch1.json"; mark n4_compile_batch1
+  # torch.compile headline, one resolution per part (c2048 and c3072 right after, on the same machine while it is
+  # still held): compiling the SDXL layout took 100-156 s per resolution on H100s.
+  distrifusion 75 1024; mark distrifusion
+  bench 300 4 --resolutions 1024 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 290 \
+    --out "$R/pcpp_n4_compile_1024.json"; mark n4_compile_1024
+  ;;
+c2048)
+  distrifusion 80 2048; mark distrifusion
+  bench 320 4 --resolutions 2048 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 310 \
+    --out "$R/pcpp_n4_compile_2048.json"; mark n4_compile_2048
   ;;
 c3072)
   distrifusion 95 3072; mark distrifusion
-  bench 300 4 --resolutions 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --deadline-s 290 \
+  bench 340 4 --resolutions 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --deadline-s 330 \
     --out "$R/pcpp_n4_compile_3072.json"; mark n4_compile_3072
   ;;
 best)
@@ -114,6 +116,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, c3072, profile, one, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, c2048, c3072, profile, one, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40
