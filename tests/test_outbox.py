@@ -122,17 +122,17 @@ def test_point_to_point_gather_and_neighbour_tags_match_their_receives() -> None
     """Every send of one rank is received by its peer under the same tag (gloo matches by peer and tag; NCCL by
     order, which the batches keep)."""
     world = 4
-    slots = [[torch.zeros(2) for _ in range(world)] for _ in range(world)]
+    gathered = [torch.zeros(world, 2) for _ in range(world)]
     sends = {
         (rank, m.peer, m.tag)
         for rank in range(world)
-        for m in gather_messages(rank, world, slots[rank][rank], slots[rank], tag=5)
+        for m in gather_messages(rank, world, gathered[rank][rank : rank + 1], gathered[rank], tag=5)
         if m.send
     }
     recvs = {
         (m.peer, rank, m.tag)
         for rank in range(world)
-        for m in gather_messages(rank, world, slots[rank][rank], slots[rank], tag=5)
+        for m in gather_messages(rank, world, gathered[rank][rank : rank + 1], gathered[rank], tag=5)
         if not m.send
     }
     assert sends == recvs

@@ -130,21 +130,23 @@ def neighbour_messages(
     return messages
 
 
-def gather_messages(rank: int, world: int, mine: Tensor, slots: Sequence[Tensor], tag: int) -> list[Message]:
+def gather_messages(rank: int, world: int, mine: Tensor, gathered: Tensor, tag: int) -> list[Message]:
     """The messages of an all-gather done point to point: ``mine`` to every other rank, and each other rank's
-    contribution into its slot.
+    contribution into its slot of ``gathered``.
 
     Args:
         rank: this rank.
         world: number of ranks.
         mine: this rank's contiguous contribution.
-        slots: one contiguous receive buffer per rank (``slots[rank]`` is not written).
+        gathered: the receive buffer, ``world`` slots of ``mine``'s shape stacked on dimension 0, in rank order
+            (``rank``'s own slot is not written).
         tag: the calling layer's tag (every message carries ``2 * tag``).
 
     Returns:
         Receives first, then sends.
     """
+    n = mine.shape[0]
     others = [peer for peer in range(world) if peer != rank]
-    return [Message(peer, slots[peer], False, tag * _TAG_STRIDE) for peer in others] + [
+    return [Message(peer, gathered[peer * n : (peer + 1) * n], False, tag * _TAG_STRIDE) for peer in others] + [
         Message(peer, mine, True, tag * _TAG_STRIDE) for peer in others
     ]

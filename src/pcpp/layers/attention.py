@@ -202,19 +202,25 @@ class PartialPatchAttention(PatchLayerState, Attention):
         layer's own buffer, which the first asynchronous step reads.
         """
         comm = self.context.patch
-        tokens = max(rows) * width
-        padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else kv
-        shape = (comm.world_size * kv.shape[0], tokens, kv.shape[2])
+        padded = self._gather_input(kv, max(rows) * width, kept=False)
+        shape = (comm.world_size * kv.shape[0], *padded.shape[1:])
         if self.context.config.conditioning is Conditioning.PARTIAL:
             out = self.context.scratch(shape, kv)
         else:
             out = self._state.get("all", shape, kv)
-        nbytes = padded.numel() * padded.element_size()
-        self.context.stats.record(
-            LayerKind.ATTENTION, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1)
-        )
         comm.all_gather(out, padded, what=self._what("K/V all-gather")).wait()
         return out
+
+    def _gather_input(self, kv: Tensor, tokens: int, *, kept: bool) -> Tensor:
+        """This strip's K/V as a gather sends it, padded to ``tokens`` (the tallest strip's), and counted as sent
+        to and received from every other rank. ``kept``: the send outlives this call (see ``_send_copy``)."""
+        if kv.shape[1] < tokens:
+            padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
+        else:
+            padded = self._send_copy(kv) if kept else kv
+        nbytes = padded.numel() * padded.element_size() * (self.context.patch.world_size - 1)
+        self.context.stats.record(LayerKind.ATTENTION, sent=nbytes, received=nbytes)
+        return padded
 
     def _keep_neighbour_rows(self, strips: list[Tensor], rows: tuple[int, ...], width: int, like: Tensor) -> None:
         """After a synchronous step, store what the first asynchronous step reads from the neighbours."""
@@ -275,13 +281,9 @@ class PartialPatchAttention(PatchLayerState, Attention):
         context_kv = torch.cat(parts, dim=1)
         # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step. Point
         # to point (every other rank's slot), so that it joins the batch of the next layers' exchanges.
-        tokens = max(rows) * width
-        mine = F.pad(kv, (0, 0, 0, tokens - kv.shape[1])) if kv.shape[1] < tokens else self._send_copy(kv)
-        nbytes = mine.numel() * mine.element_size()
-        ctx.stats.record(LayerKind.ATTENTION, sent=nbytes * (world - 1), received=nbytes * (world - 1))
-        slots = [stale[j * batch : (j + 1) * batch] for j in range(world)]
+        mine = self._gather_input(kv, max(rows) * width, kept=True)
         self._state.pending = ctx.defer(
-            gather_messages(rank, world, mine, slots, self._tag), self._what("K/V all-gather")
+            gather_messages(rank, world, mine, stale, self._tag), self._what("K/V all-gather")
         )
         self._state.tag = (ctx.image, ctx.step)
         return context_kv

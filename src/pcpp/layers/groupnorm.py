@@ -109,11 +109,11 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
             # Reading ``gathered`` above is ordered before it is overwritten below (same stream, or CPU). The own
             # slot keeps this step's statistics (the next step's correction reads them) and is what the other
             # ranks receive, point to point, with the next layers' exchanges.
-            slots = [gathered[j * fresh.shape[0] : (j + 1) * fresh.shape[0]] for j in range(comm.world_size)]
-            slots[comm.rank].copy_(fresh)
+            own = gathered[comm.rank * fresh.shape[0] : (comm.rank + 1) * fresh.shape[0]]
+            own.copy_(fresh)
             self._record(fresh)
             state.pending = ctx.defer(
-                gather_messages(comm.rank, comm.world_size, slots[comm.rank], slots, self._tag), self._what()
+                gather_messages(comm.rank, comm.world_size, own, gathered, self._tag), self._what()
             )
         state.tag = (ctx.image, ctx.step)
         return mean, var
