@@ -7,7 +7,9 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3 (1024)
 #   OUT=/some/dir bash benchmarks/device_run.sh c2048     # the same at 2048 (then c3072), on the same machine
 #   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
+#   OUT=/some/dir bash benchmarks/device_run.sh knobs     # compile at 1024 as above, then with NCCL p2p channels capped
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
+#   OUT=/some/dir bash benchmarks/device_run.sh one2      # 1 GPU: plain UNet and pcpp on 1 rank, images interleaved
 #   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
 #                                                         # all compiled; beside it the compiled GPU test
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
@@ -16,7 +18,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, c2048, c3072, profile, one, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, knobs, c2048, c3072, profile, one, one2, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -36,7 +38,11 @@ bench_on() { local gpus=$1 log=$2 t; t=$(cap "$3"); [ "$t" -le 5 ] && return; CU
   -m pcpp.bench "${@:5}" > "$log" 2>&1; }
 distrifusion() { local t; t=$(cap "$1"); [ "$t" -le 5 ] && return; PYTHONPATH=/tmp/site-df timeout -k 5 "$t" \
   python3 -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/distrifusion_runner.py \
-  --height "$2" --width "$2" --repeats 2 --deadline-s $(($t - 5)) "${@:3}" --out "$R/df_n4_$2.json" >> "$L" 2>&1; }
+  --height "$2" --width "$2" --repeats 2 --deadline-s $(($t - 5)) "${@:3}" --out "$R/df_n4_$2${DF_TAG:-}.json" \
+  >> "$L" 2>&1; }
+# DistriFusion once more after pcpp (report df_n4_<size>_after.json): a GPU that slows as it heats (1.9% over three
+# minutes on one H100, docs/benchmarks.md table 9) would otherwise favour whichever ran first.
+distrifusion_after() { DF_TAG=_after distrifusion "$@"; mark distrifusion_after; }
 mark() { echo "== $1 done at $SECONDS s" >> "$L"; }
 
 case $PART in
@@ -66,16 +72,30 @@ compile)
   distrifusion 75 1024; mark distrifusion
   bench 300 4 --resolutions 1024 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 290 \
     --out "$R/pcpp_n4_compile_1024.json"; mark n4_compile_1024
+  distrifusion_after 75 1024
+  ;;
+knobs)
+  # The compile headline at 1024 with NCCL's point-to-point channels capped: spinning NCCL kernels share SMs with
+  # the GEMMs. The later runs reuse the first one's Inductor cache on this machine, so they compile faster.
+  distrifusion 75 1024; mark distrifusion
+  bench 250 4 --resolutions 1024 --modes partial:0.3 --compile-only --repeats 3 --deadline-s 240 \
+    --out "$R/pcpp_n4_compile_1024.json"; mark n4_compile_1024
+  NCCL_MAX_P2P_NCHANNELS=1 NCCL_NCHANNELS_PER_PEER=1 bench 120 4 --resolutions 1024 --modes partial:0.3 \
+    --compile-only --no-fidelity --repeats 3 --deadline-s 110 --out "$R/pcpp_n4_compile_1024_p2p1.json"; mark p2p1
+  NCCL_MAX_P2P_NCHANNELS=4 bench 120 4 --resolutions 1024 --modes partial:0.3 \
+    --compile-only --no-fidelity --repeats 3 --deadline-s 110 --out "$R/pcpp_n4_compile_1024_p2p4.json"; mark p2p4
   ;;
 c2048)
   distrifusion 80 2048; mark distrifusion
   bench 320 4 --resolutions 2048 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 310 \
     --out "$R/pcpp_n4_compile_2048.json"; mark n4_compile_2048
+  distrifusion_after 80 2048
   ;;
 c3072)
   distrifusion 95 3072; mark distrifusion
   bench 340 4 --resolutions 3072 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 --deadline-s 330 \
     --out "$R/pcpp_n4_compile_3072.json"; mark n4_compile_3072
+  distrifusion_after 95 3072
   ;;
 best)
   # Runs side by side on disjoint GPUs (an NVSwitch host: no shared links; 64 host cores): 2 GPUs on 0-1; 1 GPU on
@@ -106,6 +126,11 @@ one)
   bench 330 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph --compile --no-fidelity \
     --repeats 3 --deadline-s 320 --out "$R/pcpp_n1_alone.json"; mark n1_alone
   ;;
+one2)
+  # 1 GPU: the plain UNet and pcpp on one rank, both on the GPU at once, timed images interleaved (A B B A ...).
+  PYTHONPATH=$P timeout -k 5 "$(cap 450)" python3 benchmarks/one_gpu_interleaved.py --resolution 1024 \
+    --variants graph compile+graph --pairs 3 --out "$R/one_gpu_interleaved_1024.json" >> "$L" 2>&1; mark one2
+  ;;
 cfg2)
   bench_on 0,1 "$OUT/n2.txt" 330 2 --resolutions 2048 --modes single partial:0.3 --single-variants graph --compile-only \
     --compile --no-fidelity --repeats 2 --deadline-s 320 --out "$R/pcpp_n2_compile.json" &
@@ -116,6 +141,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, c2048, c3072, profile, one, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, knobs, c2048, c3072, profile, one, one2, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -1104,6 +1104,8 @@ class Bench:
             "world_size": lay.world,
             "mesh": {"cfg": 2 if lay.cfg_split else 1, "patch": lay.patch_size},
             "mesh_dim_names": list(lay.mesh.mesh_dim_names) if lay.mesh is not None else None,
+            # NCCL's tuning variables change timings (channels, protocols): record the ones that were set.
+            "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))},
         }
 
     def setup(self) -> None:

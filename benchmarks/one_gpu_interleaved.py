@@ -1,0 +1,108 @@
+"""1 GPU: the plain UNet against pcpp converted on one rank, images interleaved so that drift cancels.
+
+`pcpp bench` times its variants one after another. On one H100 the same CUDA graph ran 1.9% slower after three
+minutes of load than at the start (docs/benchmarks.md, table 9), which is as large as the difference a
+one-rank pcpp could make. Here both UNets live on the GPU at once (the plain one and a deep copy converted by
+pcpp on a one-rank group), each wrapped the same way (CUDA graphs, optionally ``torch.compile`` too), and the
+timed images alternate A B B A A B ..., so that a slow drift of the clock weighs on both alike.
+
+Run on one GPU, from the repository root (pcpp and diffusers importable)::
+
+    python benchmarks/one_gpu_interleaved.py --resolution 1024 --variants graph compile+graph \
+        --pairs 3 --out one_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import pcpp
+from pcpp import bench
+
+LOG = logging.getLogger("one_gpu_interleaved")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("benchmarks/configs/sdxl-base-unet.json"))
+    parser.add_argument("--resolution", type=int, default=1024, help="square image size in pixels")
+    parser.add_argument("--variants", nargs="+", default=["graph", "compile+graph"], choices=["graph", "compile+graph"])
+    parser.add_argument("--pairs", type=int, default=3, help="timed images per UNet and variant")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    bargs = bench.parse_args(["--device", "cuda", "--resolutions", str(args.resolution), "--steps", str(args.steps)])
+    layout = bench.init_layout(bargs)  # a one-process NCCL group: what pcpp.convert(comm=None) uses
+    if layout.world != 1:
+        raise SystemExit(f"run this on one process, not {layout.world}")
+    device = layout.device
+    config = bench.load_unet_config(args.config)
+    plain = bench.build_unet(config, bargs.seed, device, torch.float16, True)
+    converted = pcpp.convert(copy.deepcopy(plain), detect_new_image=False)
+    inputs = bench.make_inputs(config, args.resolution, args.resolution, bargs.seed, device, torch.float16)
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "order": "A B B A A B ... (A = plain UNet, B = pcpp on one rank)",
+        "variants": {},
+    }
+    for variant in args.variants:
+        compile_ = variant.startswith("compile")
+        dens = {}
+        for name, unet in (("plain", plain), ("pcpp", converted)):
+            # One Dynamo cache for both UNets (reset_dynamo=False after the first): both stay compiled.
+            dens[name], _ = bench.make_denoiser(unet, graph=True, compile_=compile_, reset_dynamo=name == "plain")
+        times: dict[str, list[float]] = {"plain": [], "pcpp": []}
+        warm: dict[str, float] = {}
+        for name, den in dens.items():
+            den.reset()
+            warm[name], _ = bench.denoise(
+                bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
+            )
+            LOG.info("%s %s: warm-up image %.1f ms (captures/compilation)", variant, name, warm[name])
+        order = []
+        for i in range(args.pairs):
+            order += ["plain", "pcpp"] if i % 2 == 0 else ["pcpp", "plain"]
+        for name in order:
+            den = dens[name]
+            den.reset()
+            ms, _ = bench.denoise(
+                bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
+            )
+            times[name].append(ms)
+            LOG.info("%s %s: %.1f ms", variant, name, ms)
+        for den in dens.values():
+            bench.release(den, device)
+        torch._dynamo.reset()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        report["variants"][variant] = {  # type: ignore[index]
+            "times_ms": times,
+            "median_ms": med,
+            "warmup_ms": warm,
+            "pcpp_over_plain": med["pcpp"] / med["plain"],
+        }
+        LOG.info(
+            "%s: plain %.1f ms, pcpp %.1f ms, ratio %.4f",
+            variant,
+            med["plain"],
+            med["pcpp"],
+            med["pcpp"] / med["plain"],
+        )
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
