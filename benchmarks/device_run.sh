@@ -5,8 +5,10 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh graph     # DistriFusion, single GPU, floors, pcpp full + partial 0.3
 #   OUT=/some/dir bash benchmarks/device_run.sh small     # paired fidelity, 2 GPUs (CFG split), 3 GPUs, 1 GPU
 #   OUT=/some/dir bash benchmarks/device_run.sh compile   # torch.compile: DistriFusion again, pcpp partial 0.3 (1024)
+#   OUT=/some/dir bash benchmarks/device_run.sh carveout  # compile at 1024 as above, then with 8 SMs kept from matmuls
 #   OUT=/some/dir bash benchmarks/device_run.sh c2048     # the same at 2048 (then c3072), on the same machine
 #   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
+#   OUT=/some/dir bash benchmarks/device_run.sh profile3072  # the same at 3072, beside the compiled floor
 #   OUT=/some/dir bash benchmarks/device_run.sh knobs     # compile at 1024 as above, then with NCCL p2p channels capped
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh one2      # 1 GPU: plain UNet and pcpp on 1 rank, images interleaved
@@ -18,7 +20,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, knobs, c2048, c3072, profile, one, one2, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -85,6 +87,25 @@ knobs)
   NCCL_MAX_P2P_NCHANNELS=4 bench 120 4 --resolutions 1024 --modes partial:0.3 \
     --compile-only --no-fidelity --repeats 3 --deadline-s 110 --out "$R/pcpp_n4_compile_1024_p2p4.json"; mark p2p4
   ;;
+carveout)
+  # The compile headline at 1024 with cuBLASLt matmuls kept off 8 SMs (--sm-carveout): identical GEMMs ran 4-8%
+  # longer in pcpp than in the floor (docs/benchmarks.md table 7); do NCCL's kernels, holding SMs, hold them up?
+  # TORCH_BLAS_PREFER_CUBLASLT=1 sends every matmul through cuBLASLt, where the carveout applies.
+  distrifusion 75 1024; mark distrifusion
+  bench 250 4 --resolutions 1024 --modes partial:0.3 --compile-only --repeats 3 --deadline-s 240 \
+    --out "$R/pcpp_n4_compile_1024.json"; mark n4_compile_1024
+  bench 90 4 --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 3 --sm-carveout 8 \
+    --deadline-s 85 --out "$R/pcpp_n4_compile_1024_carve8.json"; mark carve8
+  TORCH_BLAS_PREFER_CUBLASLT=1 bench 90 4 --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity \
+    --repeats 3 --sm-carveout 8 --deadline-s 85 --out "$R/pcpp_n4_compile_1024_carve8_lt.json"; mark carve8_lt
+  distrifusion_after 75 1024
+  ;;
+profile3072)
+  # Where the time goes at 3072, the size furthest from 1.4x (table 8): the compiled floor and compiled pcpp, one
+  # profiled image each (kernel tables in r/prof).
+  bench 570 4 --resolutions 3072 --modes floor partial:0.3 --compile-floor --compile-only --no-fidelity \
+    --repeats 1 --profile "$R/prof" --deadline-s 560 --out "$R/pcpp_n4_profile_3072.json"; mark n4_profile_3072
+  ;;
 c2048)
   distrifusion 80 2048; mark distrifusion
   bench 320 4 --resolutions 2048 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 310 \
@@ -141,6 +162,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, knobs, c2048, c3072, profile, one, one2, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

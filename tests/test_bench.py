@@ -127,6 +127,28 @@ def test_parse_modes_and_resolutions() -> None:
     assert args.dtype == "float32"
 
 
+def test_sm_carveout_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--sm-carveout`` is checked before anything runs, and the setting is restored after a pcpp run."""
+    assert bench.parse_args(["--device", "cuda", "--sm-carveout", "8"]).sm_carveout == 8
+    for argv, message in (
+        (["--device", "cpu", "--sm-carveout", "8"], "use it with --device cuda"),
+        (["--device", "cuda", "--sm-carveout", "-1"], "must be >= 0, got -1"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err
+    torch = pytest.importorskip("torch")
+    before = torch._C._get_sm_carveout_experimental()
+    with bench.sm_carveout(8):
+        assert torch._C._get_sm_carveout_experimental() == 8
+    assert torch._C._get_sm_carveout_experimental() == before
+    with pytest.raises(RuntimeError, match="inside"), bench.sm_carveout(4):
+        raise RuntimeError("inside")
+    assert torch._C._get_sm_carveout_experimental() == before
+    with bench.sm_carveout(None):
+        assert torch._C._get_sm_carveout_experimental() == before
+
+
 def test_floor_widening() -> None:
     """Floor key widths: every other strip, or ceil(p * rows) of each existing neighbour, at every level."""
     rows = (8, 4, 4)

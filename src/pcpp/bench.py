@@ -62,6 +62,7 @@ destruction runs in a thread abandoned after ``--teardown-timeout-s``, and ``pyt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import faulthandler
 import gc
@@ -75,7 +76,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -223,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="layers whose asynchronous exchanges pcpp posts together (PCPPConfig.exchange_batch; 1: each at once)",
     )
+    parser.add_argument(
+        "--sm-carveout",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pcpp runs only: keep cuBLASLt matmuls off N SMs (torch._C._set_sm_carveout_experimental), so that "
+        "NCCL's kernels beside them do not hold up persistent GEMMs; matmuls that bypass cuBLASLt are unaffected "
+        "unless TORCH_BLAS_PREFER_CUBLASLT=1",
+    )
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--repeats", type=int, default=3, help="timed images per mode and variant")
     parser.add_argument("--warmup-images", type=int, default=1, help="untimed images before the timed ones")
@@ -324,8 +334,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "repeats", "exchange_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "warmup_images"):
-        if getattr(args, name) < 0:
+    if args.sm_carveout is not None:
+        if args.device != "cuda":
+            parser.error(f"--sm-carveout {args.sm_carveout} reserves GPU SMs; use it with --device cuda")
+        if not hasattr(torch._C, "_set_sm_carveout_experimental"):
+            parser.error(f"--sm-carveout needs torch._C._set_sm_carveout_experimental (torch {torch.__version__})")
+    for name in ("warmup_steps", "warmup_images", "sm_carveout"):
+        if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.dtype is None:
         args.dtype = "float16" if args.device == "cuda" else "float32"
@@ -685,6 +700,24 @@ def make_denoiser(unet: nn.Module, *, graph: bool, compile_: bool, reset_dynamo:
         den = EagerUNet(target, unet)
     _LIVE.append(den)
     return den, time.perf_counter() - tick
+
+
+@contextlib.contextmanager
+def sm_carveout(sms: int | None) -> Iterator[None]:
+    """Keep cuBLASLt matmuls off ``sms`` SMs inside the block (``None``: leave the setting alone).
+
+    Matmuls captured into CUDA graphs keep the SM count they were captured with, so the block must cover the
+    capture as well as the replays.
+    """
+    if sms is None:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 def release(den: Denoiser, device: torch.device) -> None:
@@ -1145,6 +1178,7 @@ class Bench:
                 "steps": args.steps,
                 "warmup_steps": args.warmup_steps,
                 "exchange_batch": args.exchange_batch,
+                "sm_carveout": args.sm_carveout,
                 "floor_sync_steps": args.floor_warmup_steps,
                 "guidance": args.guidance,
                 "repeats": args.repeats,
@@ -1407,21 +1441,22 @@ class Bench:
         result: dict[str, Any] = {}
         stats = pcpp.comm_stats(self.unet)
         try:
-            den, build_s = make_denoiser(self.unet, graph=variant.endswith("graph"), compile_=compile_)
-            stats.clear()
-            traffic: dict[str, Any] = {}
+            with sm_carveout(args.sm_carveout):
+                den, build_s = make_denoiser(self.unet, graph=variant.endswith("graph"), compile_=compile_)
+                stats.clear()
+                traffic: dict[str, Any] = {}
 
-            def snapshot() -> None:
-                traffic.update(phase_traffic(stats))
+                def snapshot() -> None:
+                    traffic.update(phase_traffic(stats))
 
-            timing = time_images(
-                cfg_step(den, inputs), den.reset, inputs, inputs.latents, args, device, True, label, snapshot
-            )
-            trace = Trace()
-            if args.fidelity:
-                den.reset()
-                sync_point(device)
-                denoise(cfg_step(den, inputs), make_scheduler(), inputs.latents, args.steps, args.guidance, trace)
+                timing = time_images(
+                    cfg_step(den, inputs), den.reset, inputs, inputs.latents, args, device, True, label, snapshot
+                )
+                trace = Trace()
+                if args.fidelity:
+                    den.reset()
+                    sync_point(device)
+                    denoise(cfg_step(den, inputs), make_scheduler(), inputs.latents, args.steps, args.guidance, trace)
         except Exception as err:
             if not compile_:
                 raise
