@@ -47,6 +47,10 @@ Profile (``--profile DIR``): after the timed images of each variant, one more im
 ``DIR/<label>.rank<r>.txt``, and the report gives device time and kernel count per step by kind of kernel (NCCL,
 Triton, attention, conv, GEMM, copies, other): where a compiled run loses time against its floor.
 
+Tuning experiments: ``--exchange-batch N`` posts the asynchronous exchanges of N layers together
+(``PCPPConfig.exchange_batch``); ``--sm-carveout N`` keeps cuBLASLt matmuls off N SMs during pcpp's runs. The
+report records both, and every ``NCCL_*``, ``TORCH_NCCL_*`` and ``TORCH_BLAS_*`` variable that was set.
+
 Model build: ``torch.manual_seed(seed)``, then ``UNet2DConditionModel.from_config`` in fp32 directly on the rank's
 GPU (``--init-device device``, seconds; identical on identical cards, checked with a weight checksum gathered from
 every rank) or on the CPU (``--init-device cpu``, about a minute for SDXL, the same bits on any card), then a cast
@@ -1137,8 +1141,10 @@ class Bench:
             "world_size": lay.world,
             "mesh": {"cfg": 2 if lay.cfg_split else 1, "patch": lay.patch_size},
             "mesh_dim_names": list(lay.mesh.mesh_dim_names) if lay.mesh is not None else None,
-            # NCCL's tuning variables change timings (channels, protocols): record the ones that were set.
-            "nccl_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_"))},
+            # NCCL's and cuBLAS's tuning variables change timings (channels, protocols, matmul backend).
+            "nccl_env": {
+                k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_BLAS_"))
+            },
         }
 
     def setup(self) -> None:
