@@ -68,12 +68,18 @@ def test_bench_on_gloo(tmp_path: Path, world: int, mesh: dict[str, int], modes: 
     single = modes["single"]
     assert single["best_variant"] == "eager"
     assert _is_number(single["median_ms"])
+    single_steps = single["variants"]["eager"]["steps"]
+    assert len(single_steps["per_step_ms"]) == 3
+    assert all(_is_number(x) and x > 0 for x in single_steps["per_step_ms"])
+    # The steps are inside the loop's clock: their sum cannot exceed the image's time.
+    assert sum(single_steps["per_step_ms"]) <= single["variants"]["eager"]["median_ms"] * 1.01
 
     floors = modes["floor"]
     for name in pcpp_modes:
         assert _is_number(floors[name]["median_ms"]), name
         assert _is_number(floors[name]["speedup_vs_single"]), name
         assert len(floors[name]["per_rank_median_ms"]) == world
+        assert [len(r["per_step_ms"]) for r in floors[name]["steps_per_rank"]] == [3] * world
 
     for name in pcpp_modes:
         entry = modes[name]
@@ -89,6 +95,17 @@ def test_bench_on_gloo(tmp_path: Path, world: int, mesh: dict[str, int], modes: 
         assert fidelity["after_warmup_steps"] == [1, 2]
         assert variant["repeat_consistency_rel_l2"] < 1e-6, name  # every image starts from the same x_T
         assert variant["nonfinite_eps_steps"] == []
+        for steps in variant["steps_per_rank"]:  # step 0 synchronous, step 1 the first asynchronous, then step 2
+            per_step = steps["per_step_ms"]
+            assert len(per_step) == 3
+            if name == "exact":
+                assert steps["sync_mean_ms"] == pytest.approx(sum(per_step) / 3, abs=1e-3)
+                assert steps["first_async_ms"] is None
+                assert steps["async_median_ms"] is None
+            else:
+                assert steps["sync_mean_ms"] == pytest.approx(per_step[0], abs=1e-3)
+                assert steps["first_async_ms"] == pytest.approx(per_step[1], abs=1e-3)
+                assert steps["async_median_ms"] == pytest.approx(per_step[2], abs=1e-3)
 
     exact = modes["exact"]["variants"]["eager"]
     assert exact["fidelity"]["rel_l2_eps_after_warmup"]["max"] < 1e-4

@@ -42,6 +42,10 @@ Traffic (pcpp modes): bytes sent and received per step by this rank, per layer k
 the UNet's Python code are recorded (eager steps and CUDA-graph captures; replays are not), which is why the
 warm-up image is used. Peak memory: ``torch.cuda.max_memory_allocated`` per rank, reset before each variant.
 
+Step times: each timed image's steps are timed by CUDA events recorded between them (no host synchronisation);
+the report gives each step's median over the timed images and, for pcpp and the floor, the mean of the
+synchronous steps, the first asynchronous step and the median of the later ones, per rank.
+
 Profile (``--profile DIR``): after the timed images of each variant, one more image runs under
 ``torch.profiler``; each rank writes its 60 busiest kernels (CPU operators on CPU ranks) to
 ``DIR/<label>.rank<r>.txt``, and the report gives device time and kernel count per step by kind of kernel (NCCL,
@@ -70,6 +74,7 @@ import contextlib
 import datetime
 import faulthandler
 import gc
+import itertools
 import json
 import logging
 import math
@@ -771,18 +776,33 @@ def denoise(
     steps: int,
     guidance: float,
     trace: Trace | None = None,
+    step_ms: list[float] | None = None,
 ) -> tuple[float, Tensor]:
     """One image: the SDXL pipeline's denoising loop. Returns (loop milliseconds, final latent).
 
     A batch-2 output is combined with the guidance scale; a batch-1 output (one CFG half, floor runs) is used as
-    it is, which costs the same.
+    it is, which costs the same. If ``step_ms`` is given, it receives each step's time (UNet call, CFG combine and
+    DDIM step): on CUDA from events recorded between the steps, which add no host synchronisation.
     """
     device = latents0.device
     scheduler.set_timesteps(steps, device=device)
     latents = latents0.clone()
+    marks: list[Any] = []
+
+    def mark() -> None:
+        if step_ms is None:
+            return
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+        else:
+            marks.append(time.perf_counter())
+
     sync_device(device)
     start = time.perf_counter()
     for i, t in enumerate(scheduler.timesteps):
+        mark()
         eps = step_fn(i, scheduler.scale_model_input(latents, t), t)
         if trace is not None:
             trace.timesteps.append(int(t))
@@ -792,8 +812,15 @@ def denoise(
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance * (cond - uncond)
         latents = scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+    mark()
     sync_device(device)
     elapsed_ms = (time.perf_counter() - start) * 1000.0
+    if step_ms is not None:
+        step_ms.clear()
+        if device.type == "cuda":
+            step_ms.extend(a.elapsed_time(b) for a, b in itertools.pairwise(marks))
+        else:
+            step_ms.extend((b - a) * 1000.0 for a, b in itertools.pairwise(marks))
     if trace is not None:
         trace.final = latents.detach().to("cpu", copy=True)
     return elapsed_ms, latents
@@ -819,6 +846,7 @@ class Timing:
     warmup_final: Tensor | None
     last_final: Tensor | None
     profile: dict[str, Any] | None = None
+    step_ms: list[float] = field(default_factory=list)  # each step's median over the timed images
 
 
 def time_images(
@@ -847,10 +875,12 @@ def time_images(
         LOG.info("%s: warm-up image %d: %.1f ms (includes captures/compilation)", label, i + 1, elapsed)
     if after_warmup is not None:
         after_warmup()
+    per_image: list[list[float]] = []
     for i in range(args.repeats):
         reset()
         line_up(device)
-        elapsed, last_final = denoise(step_fn, scheduler, latents0, args.steps, args.guidance)
+        per_image.append([])
+        elapsed, last_final = denoise(step_fn, scheduler, latents0, args.steps, args.guidance, step_ms=per_image[-1])
         times.append(elapsed)
         LOG.info("%s: image %d/%d: %.1f ms", label, i + 1, args.repeats, elapsed)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
@@ -859,7 +889,31 @@ def time_images(
         reset()
         line_up(device)
         profiled = profile_image(step_fn, latents0, args, device, label)
-    return Timing(warm, times, int(peak), warm_final, last_final, profiled)
+    step_ms = [statistics.median(s) for s in zip(*per_image, strict=True)] if per_image else []
+    return Timing(warm, times, int(peak), warm_final, last_final, profiled, step_ms)
+
+
+def step_summary(step_ms: Sequence[float], first_async: int | None) -> dict[str, Any]:
+    """Per-step times (median over the timed images) and their means by phase.
+
+    Args:
+        step_ms: milliseconds of each step of the image.
+        first_async: index of the first asynchronous step (``None`` for a run without phases).
+
+    Returns:
+        ``{"per_step_ms", "median_ms"}``, plus ``"sync_mean_ms"``, ``"first_async_ms"`` and ``"async_median_ms"``
+        when ``first_async`` is given (``None`` where a phase has no step).
+    """
+    out: dict[str, Any] = {
+        "per_step_ms": [round(x, 4) for x in step_ms],
+        "median_ms": statistics.median(step_ms) if step_ms else None,
+    }
+    if first_async is not None:
+        sync, rest = step_ms[:first_async], step_ms[first_async:]
+        out["sync_mean_ms"] = statistics.fmean(sync) if sync else None
+        out["first_async_ms"] = rest[0] if rest else None
+        out["async_median_ms"] = statistics.median(rest[1:]) if len(rest) > 1 else None
+    return out
 
 
 # Kinds of kernel, by name: the first pattern a kernel's lower-cased name contains decides (order matters: NCCL
@@ -1291,6 +1345,7 @@ class Bench:
             )
             result = time_summary(timing.times_ms)
             result.update(warmup_ms=timing.warmup_ms, peak_mem_bytes=timing.peak_mem_bytes)
+            result["steps"] = step_summary(timing.step_ms, None)
             if timing.profile is not None:
                 result["profile"] = timing.profile
             if variant.startswith("compile"):
@@ -1361,6 +1416,9 @@ class Bench:
                     "key_rows_level0_per_rank": all_gather_objects(key_rows),
                     "sync_steps": sum(s == "all" for s in schedule),
                     "peak_mem_bytes_per_rank": peaks,
+                    "steps_per_rank": all_gather_objects(
+                        step_summary(timing.step_ms, sum(s == "all" for s in schedule))
+                    ),
                 }
                 if timing.profile is not None:
                     result["profile_per_rank"] = all_gather_objects(timing.profile)
@@ -1446,6 +1504,8 @@ class Bench:
         den = None
         result: dict[str, Any] = {}
         stats = pcpp.comm_stats(self.unet)
+        config = pcpp.get_context(self.unet).config
+        first_async = next((i for i in range(args.steps) if config.phase_of(i) is pcpp.Phase.ASYNC), args.steps)
         try:
             with sm_carveout(args.sm_carveout):
                 den, build_s = make_denoiser(self.unet, graph=variant.endswith("graph"), compile_=compile_)
@@ -1483,7 +1543,17 @@ class Bench:
             per_rank_median_ms=medians,
             peak_mem_bytes_per_rank=peaks,
             traffic_per_rank=all_gather_objects(traffic),
+            steps_per_rank=all_gather_objects(step_summary(timing.step_ms, first_async)),
         )
+        own = result["steps_per_rank"][self.layout.rank]
+        if own.get("first_async_ms") is not None:
+            LOG.info(
+                "%s: step times on this rank: synchronous mean %.2f ms, first asynchronous %.2f ms, then median %s ms",
+                label,
+                own["sync_mean_ms"],
+                own["first_async_ms"],
+                _fmt(own["async_median_ms"], ".2f"),
+            )
         if timing.profile is not None:
             result["profile_per_rank"] = all_gather_objects(timing.profile)
         if compile_:
