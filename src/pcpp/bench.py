@@ -1196,7 +1196,7 @@ class Bench:
             "mesh": {"cfg": 2 if lay.cfg_split else 1, "patch": lay.patch_size},
             "mesh_dim_names": list(lay.mesh.mesh_dim_names) if lay.mesh is not None else None,
             # NCCL's and cuBLAS's tuning variables change timings (channels, protocols, matmul backend).
-            "nccl_env": {
+            "tuning_env": {
                 k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_BLAS_"))
             },
         }
