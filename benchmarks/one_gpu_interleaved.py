@@ -50,13 +50,23 @@ def main() -> None:
     plain = bench.build_unet(config, bargs.seed, device, torch.float16, True)
     converted = pcpp.convert(copy.deepcopy(plain), detect_new_image=False)
     inputs = bench.make_inputs(config, args.resolution, args.resolution, bargs.seed, device, torch.float16)
+
+    def image(den: bench.Denoiser) -> float:
+        """One image from a fresh start; its loop time in milliseconds."""
+        den.reset()
+        ms, _ = bench.denoise(
+            bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
+        )
+        return ms
+
+    variants: dict[str, dict[str, object]] = {}
     report: dict[str, object] = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "resolution": args.resolution,
         "steps": args.steps,
         "order": "A B B A A B ... (A = plain UNet, B = pcpp on one rank)",
-        "variants": {},
+        "variants": variants,
     }
     for variant in args.variants:
         compile_ = variant.startswith("compile")
@@ -67,27 +77,20 @@ def main() -> None:
         times: dict[str, list[float]] = {"plain": [], "pcpp": []}
         warm: dict[str, float] = {}
         for name, den in dens.items():
-            den.reset()
-            warm[name], _ = bench.denoise(
-                bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
-            )
+            warm[name] = image(den)
             LOG.info("%s %s: warm-up image %.1f ms (captures/compilation)", variant, name, warm[name])
         order = []
         for i in range(args.pairs):
             order += ["plain", "pcpp"] if i % 2 == 0 else ["pcpp", "plain"]
         for name in order:
-            den = dens[name]
-            den.reset()
-            ms, _ = bench.denoise(
-                bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
-            )
+            ms = image(dens[name])
             times[name].append(ms)
             LOG.info("%s %s: %.1f ms", variant, name, ms)
         for den in dens.values():
             bench.release(den, device)
         torch._dynamo.reset()
         med = {k: statistics.median(v) for k, v in times.items()}
-        report["variants"][variant] = {  # type: ignore[index]
+        variants[variant] = {
             "times_ms": times,
             "median_ms": med,
             "warmup_ms": warm,
