@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages"]
+__all__ = ["DONE", "Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,20 @@ class PatchCommunicator(Protocol):
         Returns:
             A handle; ``output`` is valid after ``wait()``.
         """
+
+
+class _Done:
+    """A handle whose operation has already completed (or never needed to run)."""
+
+    def wait(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "DONE"
+
+
+DONE: Handle = _Done()
+"""The handle of an operation with nothing left to wait for."""
 
 
 # Tags of one layer's messages: its tag times this, plus the direction. Gloo matches a receive by (peer, tag).

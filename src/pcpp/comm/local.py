@@ -7,14 +7,9 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..errors import PCPPError
-from .base import Handle, Message
+from .base import DONE, Handle, Message
 
 __all__ = ["LocalCommunicator"]
-
-
-class _Done:
-    def wait(self) -> None:
-        return None
 
 
 class LocalCommunicator:
@@ -45,12 +40,12 @@ class LocalCommunicator:
         """
         if messages:
             raise PCPPError(f"{what}: a single-rank group has no peers to send to or receive from.")
-        return _Done()
+        return DONE
 
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
         """Copy ``tensor`` into ``output``."""
         output.copy_(tensor.reshape(output.shape))
-        return _Done()
+        return DONE
 
     def __repr__(self) -> str:
         return "LocalCommunicator()"

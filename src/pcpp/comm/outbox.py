@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import PCPPError
-from .base import Handle, Message, PatchCommunicator
+from .base import DONE, Handle, Message, PatchCommunicator
 
 __all__ = ["Outbox"]
 
@@ -112,11 +112,11 @@ class Outbox:
         """
         batch, self._open = self._open, _Batch()
         if batch.layers == 0:
-            batch.handle = _NOTHING
+            batch.handle = DONE
             return
         what = f"{len(batch.what)} layers' exchanges ({batch.what[0]} .. {batch.what[-1]})" if batch.what else ""
         try:
-            batch.handle = self.comm.send_recv(batch.messages, what=what) if batch.messages else _NOTHING
+            batch.handle = self.comm.send_recv(batch.messages, what=what) if batch.messages else DONE
         except BaseException as err:
             batch.error = f"{type(err).__name__}: {err}"
             raise
@@ -131,13 +131,5 @@ class Outbox:
             The number of layers dropped.
         """
         batch, self._open = self._open, _Batch()
-        batch.handle = _NOTHING
+        batch.handle = DONE
         return batch.layers
-
-
-class _Nothing:
-    def wait(self) -> None:
-        return None
-
-
-_NOTHING = _Nothing()

@@ -36,6 +36,39 @@ def _resolve_padding(conv: nn.Conv2d, where: str) -> tuple[int, int, int, int]:
     return ph, ph, pw, pw
 
 
+def _attach(
+    strip: Tensor,
+    mine: ConvHalo,
+    from_above: Tensor | None,
+    from_below: Tensor | None,
+    zeros: Callable[[str, int], Tensor],
+) -> Tensor:
+    """``strip``, cropped as ``mine`` says, between its halo rows and image-edge zeros, along the height.
+
+    Args:
+        strip: ``(B, C, h, W)`` rows of this rank.
+        mine: this rank's halo plan.
+        from_above: the rows read from the strip above, or ``None``.
+        from_below: the rows read from the strip below, or ``None``.
+        zeros: ``zeros(key, rows)`` gives ``rows`` rows of zeros (key ``"zt"`` at the top, ``"zb"`` at the bottom).
+
+    Returns:
+        What the height-unpadded conv convolves.
+    """
+    h = strip.shape[2]
+    parts: list[Tensor] = []
+    if mine.zeros_top:
+        parts.append(zeros("zt", mine.zeros_top))
+    if from_above is not None:
+        parts.append(from_above)
+    parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
+    if from_below is not None:
+        parts.append(from_below)
+    if mine.zeros_bottom:
+        parts.append(zeros("zb", mine.zeros_bottom))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
 class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
     """A ``Conv2d`` applied to one horizontal strip, with halo rows from the strips above and below.
 
@@ -231,17 +264,13 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         # One opaque operator instead of a graph break; see pcpp.layers._ops.
         halo = torch.ops.pcpp.conv_halo_rows(sent, token, self._handle, list(strip.shape))
         n_up = batch * channels * mine.from_above * width
-        parts: list[Tensor] = []
-        if mine.zeros_top:
-            parts.append(strip.new_zeros(batch, channels, mine.zeros_top, width))
-        if mine.from_above:
-            parts.append(halo[:n_up].view(batch, channels, mine.from_above, width))
-        parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
-        if mine.from_below:
-            parts.append(halo[n_up:].view(batch, channels, mine.from_below, width))
-        if mine.zeros_bottom:
-            parts.append(strip.new_zeros(batch, channels, mine.zeros_bottom, width))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        return _attach(
+            strip,
+            mine,
+            halo[:n_up].view(batch, channels, mine.from_above, width) if mine.from_above else None,
+            halo[n_up:].view(batch, channels, mine.from_below, width) if mine.from_below else None,
+            lambda _key, rows: strip.new_zeros(batch, channels, rows, width),
+        )
 
     def halo_numel(self, shape: tuple[int, ...] | list[int]) -> int:
         """Elements of the halo rows that a strip of ``shape`` receives (``pcpp::conv_halo_rows``'s output).
@@ -279,17 +308,14 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         batch, channels, h, width = strip.shape
 
         def attach(recv_up: Tensor | None, recv_down: Tensor | None) -> Tensor:
-            parts: list[Tensor] = []
-            if mine.zeros_top:
-                parts.append(state.get("zt", (batch, channels, mine.zeros_top, width), strip, zeros=True))
-            if recv_up is not None:
-                parts.append(recv_up)
-            parts.append(strip[:, :, mine.crop_top : h - mine.crop_bottom])
-            if recv_down is not None:
-                parts.append(recv_down)
-            if mine.zeros_bottom:
-                parts.append(state.get("zb", (batch, channels, mine.zeros_bottom, width), strip, zeros=True))
-            return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            # The image-edge zeros are kept per layer: eager steps would otherwise allocate them every call.
+            return _attach(
+                strip,
+                mine,
+                recv_up,
+                recv_down,
+                lambda key, rows: state.get(key, (batch, channels, rows, width), strip, zeros=True),
+            )
 
         return self._swap(
             strip[:, :, :send_up] if send_up else None,
