@@ -28,12 +28,15 @@ class Case:
     guidance: float | None = 5.0
     seed: int = 0
     convert: dict[str, Any] = field(default_factory=dict)
+    fuse_qkv: bool = False  # diffusers' fuse_qkv_projections() before converting
 
 
 def build_unet(case: Case) -> torch.nn.Module:
     torch.manual_seed(case.seed)
     config = tiny_unet_config(case.family)
     model = UNet2DModel(**config) if case.family == "unet2d" else UNet2DConditionModel(**config)
+    if case.fuse_qkv:
+        model.fuse_qkv_projections()
     return model.eval()
 
 

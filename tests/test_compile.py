@@ -41,8 +41,15 @@ from pcpp.testing import run_distributed
                 convert={"warmup_steps": 2, "partial": 0.5, "exchange_batch": 4},
             ),
         ),
+        # diffusers' fused projections: keys and values reach the operator as a strided view of to_qkv's output.
+        (
+            2,
+            Case(
+                family="tiny", height=16, width=8, steps=4, convert={"warmup_steps": 2, "partial": 0.5}, fuse_qkv=True
+            ),
+        ),
     ],
-    ids=["partial", "full", "partial-3-ranks", "batched-3-ranks"],
+    ids=["partial", "full", "partial-3-ranks", "batched-3-ranks", "fused-qkv"],
 )
 def test_compiled_loop_matches_eager(world: int, case: Case) -> None:
     """Inductor compiles the converted UNet around pcpp's exchange operators (pcpp.layers._ops) instead of

@@ -180,6 +180,32 @@ def test_custom_attention_processor_is_refused() -> None:
         pcpp.convert(unet, comm=LocalCommunicator())
 
 
+def test_fused_processor_without_fused_projection_is_refused() -> None:
+    """FusedAttnProcessor2_0 reads ``to_qkv``, which only ``fuse_qkv_projections()`` builds: say so, change nothing."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    unet = _unet()
+    unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(FusedAttnProcessor2_0())
+    before = _snapshot(unet)
+    with pytest.raises(pcpp.UnsupportedModuleError, match=r"attn1 uses FusedAttnProcessor2_0 but has no fused to_qkv"):
+        pcpp.convert(unet, comm=LocalCommunicator())
+    assert _snapshot(unet) == before
+
+
+def test_fused_projections_are_converted_and_shared() -> None:
+    """After ``fuse_qkv_projections()`` the converted self-attention keeps diffusers' fused processor and shares
+    the very ``to_qkv`` module; on one rank the output is bitwise the plain fused UNet's."""
+    unet = _unet()
+    unet.fuse_qkv_projections()
+    ref = _call(unet)
+    to_qkv = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_qkv
+    pcpp.convert(unet, comm=LocalCommunicator())
+    attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert isinstance(attn1, PartialPatchAttention)
+    assert attn1.to_qkv is to_qkv
+    assert torch.equal(_call(unet), ref)
+
+
 @pytest.mark.parametrize(("height", "smallest"), [(4, 6), (7, 8), (3, 6)])
 def test_impossible_split_names_the_smallest_height(height: int, smallest: int) -> None:
     """The tiny UNet downsamples once (strips are multiples of 2 rows); 3 ranks need at least 6 rows."""

@@ -28,6 +28,11 @@ SDXL = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
         # Batched exchanges: a batch is posted by a later layer (or the step's end) inside the captured graph.
         (2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3, "exchange_batch": 8}), False),
         pytest.param(2, Case(**SDXL, convert={"warmup_steps": 2}), True, marks=pytest.mark.slow),
+        # diffusers' fused projections: keys and values a strided view of to_qkv's output, eager and compiled.
+        (2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3}, fuse_qkv=True), False),
+        pytest.param(
+            2, Case(**SDXL, convert={"warmup_steps": 2, "partial": 0.3}, fuse_qkv=True), True, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_cuda_graphs_replay_the_eager_trajectory(world: int, case: Case, compile_: bool) -> None:

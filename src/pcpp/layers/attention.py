@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import Tensor
 
 from ..comm.base import gather_messages, neighbour_messages
@@ -19,8 +19,9 @@ from ._common import PatchLayerState, require_geometry, share_module
 
 __all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention", "attend_heads"]
 
-SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0)
-"""Processors whose maths :class:`PartialPatchAttention` reproduces (plain softmax attention)."""
+SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+"""Processors whose maths :class:`PartialPatchAttention` reproduces (plain softmax attention; with
+``FusedAttnProcessor2_0``, set by diffusers' ``fuse_qkv_projections()``, one ``to_qkv`` projection)."""
 
 
 class PartialPatchAttention(PatchLayerState, Attention):
@@ -35,6 +36,10 @@ class PartialPatchAttention(PatchLayerState, Attention):
       point (``partial=0`` sends nothing);
     * asynchronous, ``FULL`` (DistriFusion): the own strip (fresh) plus every other strip from the previous step.
 
+    After diffusers' ``unet.fuse_qkv_projections()`` (processor ``FusedAttnProcessor2_0``), queries, keys and
+    values come from the one ``to_qkv`` projection, as diffusers computes them: one matrix multiplication instead
+    of three, and the keys and values a view of its output rather than a concatenated copy.
+
     The partial ratio is read from ``context.config`` at every call, so it is a runtime setting
     (:func:`pcpp.configure`). Cross-attention calls (``encoder_hidden_states`` given) run unchanged.
 
@@ -46,7 +51,8 @@ class PartialPatchAttention(PatchLayerState, Attention):
 
     Raises:
         ConversionError: the module is cross-attention, has added K/V projections, or uses a processor other
-            than diffusers' plain ``AttnProcessor``/``AttnProcessor2_0``.
+            than diffusers' ``AttnProcessor``, ``AttnProcessor2_0`` or ``FusedAttnProcessor2_0`` (the latter with its
+            ``to_qkv`` projection).
 
     Example:
         >>> import torch, pcpp
@@ -134,9 +140,7 @@ class PartialPatchAttention(PatchLayerState, Attention):
         if self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self.to_q(hidden_states)
-        # Keys and values travel together: one exchange per layer instead of two.
-        kv = torch.cat([self.to_k(hidden_states), self.to_v(hidden_states)], dim=-1)
+        query, kv = self._project(hidden_states)
         if torch.compiler.is_compiling():
             # One opaque operator: no graph break, and its output shape is the same in every phase.
             token = self.context.order_token(kv.device)
@@ -150,6 +154,20 @@ class PartialPatchAttention(PatchLayerState, Attention):
         if self.residual_connection:
             out = out + residual
         return out / self.rescale_output_factor
+
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """The strip's queries, and its keys and values concatenated on the last dimension.
+
+        Keys and values travel together: one exchange per layer instead of two.
+        """
+        if isinstance(self.processor, FusedAttnProcessor2_0):
+            # diffusers' fused projections: one matrix multiplication; keys and values are a view of its output
+            # (no concatenation). The exchanges copy what they send where a view will not do.
+            qkv = self.to_qkv(hidden_states)
+            inner = self.to_q.out_features
+            return qkv[..., :inner], qkv[..., inner:]
+        query = self.to_q(hidden_states)
+        return query, torch.cat([self.to_k(hidden_states), self.to_v(hidden_states)], dim=-1)
 
     def _attend(self, query: Tensor, kv: Tensor, level: int, width: int) -> Tensor:
         """Scaled dot-product attention of the strip's queries over the keys and values this step reads.
@@ -217,7 +235,8 @@ class PartialPatchAttention(PatchLayerState, Attention):
         if kv.shape[1] < tokens:
             padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
         else:
-            padded = self._send_copy(kv) if kept else kv
+            # A view of fused projections is not contiguous, as the gather needs.
+            padded = self._send_copy(kv) if kept else kv.contiguous()
         nbytes = padded.numel() * padded.element_size() * (self.context.patch.world_size - 1)
         self.context.stats.record(LayerKind.ATTENTION, sent=nbytes, received=nbytes)
         return padded
@@ -334,4 +353,9 @@ def check_supported(attn: Attention, name: str) -> None:
             f"{name} uses attention processor {type(processor).__name__}, whose maths pcpp cannot reproduce on "
             f"strips; supported: {', '.join(p.__name__ for p in SUPPORTED_PROCESSORS)}. Call "
             "unet.set_default_attn_processor() (or fuse LoRA) before pcpp.convert."
+        )
+    if isinstance(processor, FusedAttnProcessor2_0) and getattr(attn, "to_qkv", None) is None:
+        raise ConversionError(
+            f"{name} uses FusedAttnProcessor2_0 but has no fused to_qkv projection; call "
+            "unet.fuse_qkv_projections() (which builds it) or unet.set_default_attn_processor() before pcpp.convert."
         )
