@@ -9,6 +9,8 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh c2048     # the same at 2048 (then c3072), on the same machine
 #   OUT=/some/dir bash benchmarks/device_run.sh profile   # where compiled pcpp's time goes at 1024 (torch.profiler)
 #   OUT=/some/dir bash benchmarks/device_run.sh profile3072  # the same at 3072, beside the compiled floor
+#   OUT=/some/dir bash benchmarks/device_run.sh patch2    # 2 GPUs, patch 2 alone: compiled floor and pcpp, profiled
+#   OUT=/some/dir bash benchmarks/device_run.sh patch2df  # 2 GPUs, patch 2 alone: DistriFusion, pcpp, fused, carveout
 #   OUT=/some/dir bash benchmarks/device_run.sh knobs     # compile at 1024 as above, then with NCCL p2p channels capped
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh one2      # 1 GPU: plain UNet and pcpp on 1 rank, images interleaved
@@ -20,7 +22,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, patch2, patch2df, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -39,8 +41,9 @@ bench_on() { local gpus=$1 log=$2 t; t=$(cap "$3"); [ "$t" -le 5 ] && return; CU
   PYTHONPATH=$P timeout -k 5 "$t" python3 -m torch.distributed.run --standalone --nproc-per-node "$4" \
   -m pcpp.bench "${@:5}" > "$log" 2>&1; }
 distrifusion() { local t; t=$(cap "$1"); [ "$t" -le 5 ] && return; PYTHONPATH=/tmp/site-df timeout -k 5 "$t" \
-  python3 -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/distrifusion_runner.py \
-  --height "$2" --width "$2" --repeats 2 --deadline-s $(($t - 5)) "${@:3}" --out "$R/df_n4_$2${DF_TAG:-}.json" \
+  python3 -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-4}" benchmarks/distrifusion_runner.py \
+  --height "$2" --width "$2" --repeats 2 --deadline-s $(($t - 5)) "${@:3}" \
+  --out "$R/df_n${NPROC:-4}_$2${DF_TAG:-}.json" \
   >> "$L" 2>&1; }
 # DistriFusion once more after pcpp (report df_n4_<size>_after.json): a GPU that slows as it heats (1.9% over three
 # minutes on one H100, docs/benchmarks.md table 9) would otherwise favour whichever ran first.
@@ -106,6 +109,24 @@ profile3072)
   bench 570 4 --resolutions 3072 --modes floor partial:0.3 --compile-floor --compile-only --no-fidelity \
     --repeats 1 --profile "$R/prof" --deadline-s 560 --out "$R/pcpp_n4_profile_3072.json"; mark n4_profile_3072
   ;;
+patch2)
+  # 2 GPUs, image split only (patch 2, batch 2 per rank): the 4-GPU headline's strips at twice the batch, for when
+  # only 2-GPU machines are lent. Compiled floor and compiled pcpp, both profiled (kernel tables in r/prof).
+  bench 560 2 --no-cfg-split --resolutions 1024 --modes floor partial:0.3 --compile-floor --compile-only \
+    --no-fidelity --repeats 2 --profile "$R/prof" --deadline-s 550 --out "$R/pcpp_n2p_profile_1024.json"
+  mark n2p_profile_1024
+  ;;
+patch2df)
+  # The same split against DistriFusion (split_batch=False): pcpp as it is, with diffusers' fused projections
+  # (--fuse-qkv), and fused with 8 SMs kept from matmuls (the fused run's Inductor cache makes it compile faster).
+  NPROC=2 distrifusion 80 1024 --no-split-batch; mark distrifusion
+  bench 200 2 --no-cfg-split --resolutions 1024 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 195 \
+    --out "$R/pcpp_n2p_compile_1024.json"; mark n2p_compile_1024
+  bench 200 2 --no-cfg-split --resolutions 1024 --modes partial:0.3 --compile-only --repeats 2 --fuse-qkv \
+    --deadline-s 195 --out "$R/pcpp_n2p_compile_1024_fused.json"; mark n2p_compile_1024_fused
+  bench 90 2 --no-cfg-split --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
+    --fuse-qkv --sm-carveout 8 --deadline-s 85 --out "$R/pcpp_n2p_compile_1024_fused_carve8.json"; mark carve8
+  ;;
 c2048)
   distrifusion 80 2048; mark distrifusion
   bench 320 4 --resolutions 2048 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 310 \
@@ -162,6 +183,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -269,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ranks) or the CPU (slow for SDXL, the same bits on any card)",
     )
     parser.add_argument(
+        "--fuse-qkv",
+        action="store_true",
+        help="call diffusers' unet.fuse_qkv_projections() after building the UNet, for every path alike (single, "
+        "floor and pcpp): one to_qkv matrix multiplication per self-attention instead of three",
+    )
+    parser.add_argument(
         "--no-cfg-split",
         dest="cfg_split",
         action="store_false",
@@ -1072,9 +1078,15 @@ def _make_floor_processor(state: _FloorState) -> Any:
             extra = state.extra(tokens)
             if attn.group_norm is not None:
                 hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-            query = attn.to_q(hidden_states)
-            key = attn.to_k(hidden_states)
-            value = attn.to_v(hidden_states)
+            if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
+                # --fuse-qkv: one projection, as pcpp's layer and diffusers' FusedAttnProcessor2_0 compute it.
+                query, key, value = attn.to_qkv(hidden_states).split(
+                    [attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features], dim=-1
+                )
+            else:
+                query = attn.to_q(hidden_states)
+                key = attn.to_k(hidden_states)
+                value = attn.to_v(hidden_states)
             if extra:
                 key, value = _widened(key, extra), _widened(value, extra)
             out = attend_heads(attn, query, key, value)
@@ -1212,6 +1224,9 @@ class Bench:
             state = torch.load(args.weights, map_location=self.device, weights_only=True)
             self.unet.load_state_dict(state, strict=True)
             del state
+        if args.fuse_qkv:
+            # Before anything is timed or converted, so that every path (and the fidelity reference) uses it.
+            self.unet.fuse_qkv_projections()  # type: ignore[operator]  # diffusers' UNet method, nn.Module typed
         build_s = time.perf_counter() - tick
         checksums = [c[0] for c in all_gather_floats([weight_checksum(self.unet)], self.device)]
         if any(abs(c - checksums[0]) > 1e-9 * max(1.0, abs(checksums[0])) for c in checksums):
@@ -1246,6 +1261,7 @@ class Bench:
                 "seed": args.seed,
                 "dtype": args.dtype,
                 "init_device": args.init_device,
+                "fuse_qkv": args.fuse_qkv,
                 "cuda_graph": args.cuda_graph,
                 "compile": args.compile,
                 "single_variants": args.single_variants,
