@@ -11,6 +11,7 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh profile3072  # the same at 3072, beside the compiled floor
 #   OUT=/some/dir bash benchmarks/device_run.sh patch2    # 2 GPUs, patch 2 alone: compiled floor and pcpp, profiled
 #   OUT=/some/dir bash benchmarks/device_run.sh patch2df  # 2 GPUs, patch 2 alone: DistriFusion, pcpp, fused, carveout
+#   OUT=/some/dir bash benchmarks/device_run.sh transport # 2+ GPUs: NCCL against copy-engine transfers, emulated step
 #   OUT=/some/dir bash benchmarks/device_run.sh knobs     # compile at 1024 as above, then with NCCL p2p channels capped
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh one2      # 1 GPU: plain UNet and pcpp on 1 rank, images interleaved
@@ -22,7 +23,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, patch2, patch2df, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -127,6 +128,12 @@ patch2df)
   bench 90 2 --no-cfg-split --resolutions 1024 --modes partial:0.3 --compile-only --no-fidelity --repeats 2 \
     --fuse-qkv --sm-carveout 8 --deadline-s 85 --out "$R/pcpp_n2p_compile_1024_fused_carve8.json"; mark carve8
   ;;
+transport)
+  # Whether copy-engine transfers into symmetric memory spare the compute that NCCL's kernels slow down: an
+  # emulated step of 156 layers (benchmarks/diag/transport.py), on all the GPUs of the machine.
+  PYTHONPATH=$P OUT=$R timeout -k 5 "$(cap 300)" python3 -m torch.distributed.run --standalone \
+    --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/diag/transport.py >> "$L" 2>&1; mark transport
+  ;;
 c2048)
   distrifusion 80 2048; mark distrifusion
   bench 320 4 --resolutions 2048 --modes partial:0.3 --compile-only --repeats 2 --deadline-s 310 \
@@ -183,6 +190,6 @@ cfg2)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -1,12 +1,13 @@
 """Diagnostic: which scaled-dot-product-attention kernel is fastest for the self-attention a pcpp rank runs.
 
-``torch._C._get_sdp_priority_order()`` lists FlashAttention-2 first and cuDNN last, yet on an H100 PyTorch 2.11
-ran the SDXL UNet's attention on cuDNN's fused kernel (the UNet check below found it). This times each backend on the exact shapes one rank of SDXL attends with
-(queries = the strip's tokens, keys = the strip plus ``ceil(partial * rows)`` rows of one neighbour, as a rank of
-cfg 2 x patch 2 reads after warmup; and twice the strip for full conditioning), in pcpp's memory layout (keys and
-values as two halves of one projected tensor). Then it times the whole plain UNet on a half-height strip under one
-CUDA graph with PyTorch's own choice and with flash and cuDNN forced, which tells which kernel the default picks
-and what the choice is worth per denoising step; and it checks the backends against a float32 reference.
+``torch._C._get_sdp_priority_order()`` lists FlashAttention-2 first and cuDNN last, yet on an H100 PyTorch 2.11 ran
+the SDXL UNet's attention on cuDNN's fused kernel (the UNet check below found it). This times each backend on the
+exact shapes one rank of SDXL attends with (queries = the strip's tokens, keys = the strip plus ``ceil(partial *
+rows)`` rows of one neighbour, as a rank of cfg 2 x patch 2 reads after warmup; and twice the strip for full
+conditioning), in pcpp's memory layout (keys and values as two halves of one projected tensor). Then it times the
+whole plain UNet on a half-height strip under one CUDA graph with PyTorch's own choice and with flash and cuDNN
+forced, which tells which kernel the default picks and what the choice is worth per denoising step; and it checks
+the backends against a float32 reference.
 
 Run on one GPU, from the repository root::
 
