@@ -94,6 +94,8 @@ class Step:
         import torch.distributed._symmetric_memory as symm_mem
 
         shape = (2, 2, self.layers, self.numel)  # parity, sender is above (0) or below (1), layer, data
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by some torch versions, a no-op in others
+            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
         buf = symm_mem.empty(shape, dtype=torch.float16, device=self.send.device)
         self.symm = (buf, symm_mem.rendezvous(buf, dist.group.WORLD))
 
