@@ -359,12 +359,16 @@ def resolution_change(rank: int, world: int, cases: list[Case]) -> list[float]:
     return errors
 
 
-def attention_buffers(rank: int, world: int, case: Case) -> list[list[str]]:
-    """Run a loop; return the names of the buffers each self-attention layer keeps afterwards."""
+def attention_buffers(rank: int, world: int, case: Case) -> list[dict[str, tuple[int, ...]]]:
+    """Run a loop; return the buffers (name: shape) each self-attention layer keeps afterwards."""
     unet = build_unet(case)
     pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
     ddim_loop(unet, case)
-    return [sorted(m._state._tensors) for m in unet.modules() if isinstance(m, pcpp.layers.PartialPatchAttention)]
+    return [
+        {name: tuple(t.shape) for name, t in m._state._tensors.items()}
+        for m in unet.modules()
+        if isinstance(m, pcpp.layers.PartialPatchAttention)
+    ]
 
 
 def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[str, Any]:

@@ -38,13 +38,15 @@ def test_scratch_is_one_growing_buffer_kept_for_graphs() -> None:
 def test_partial_conditioning_keeps_only_neighbour_rows() -> None:
     """After a loop, partial conditioning's attention layers hold only the neighbour rows the next step reads
     (the synchronous steps' every-strip K/V went through the shared scratch buffer); full conditioning keeps
-    every strip's K/V per layer, which its asynchronous steps read."""
+    every other strip's K/V per layer, which its asynchronous steps read, and no slot for its own strip (read
+    fresh at every step): 2 of 3 strips' worth on 3 ranks."""
     partial = Case(height=16, width=8, steps=3, convert={"warmup_steps": 2, "partial": 0.5})
-    full = Case(height=16, width=8, steps=3, convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL})
+    full = Case(height=24, width=8, steps=3, convert={"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL})
     for layers in run_distributed(attention_buffers, 2, partial):
         assert layers
-        assert all("all" not in names for names in layers)
-        assert all(names for names in layers)  # each keeps its neighbour's rows ("up" or "down")
-    for layers in run_distributed(attention_buffers, 2, full):
+        assert all(set(buffers) <= {"up", "down"} and buffers for buffers in layers)
+    batch = 2  # guidance: uncond and cond
+    for layers in run_distributed(attention_buffers, 3, full):
         assert layers
-        assert all("all" in names for names in layers)
+        assert all(set(buffers) == {"others"} for buffers in layers)
+        assert all(buffers["others"][0] == 2 * batch for buffers in layers)

@@ -144,7 +144,9 @@ def neighbour_messages(
     return messages
 
 
-def gather_messages(rank: int, world: int, mine: Tensor, gathered: Tensor, tag: int) -> list[Message]:
+def gather_messages(
+    rank: int, world: int, mine: Tensor, gathered: Tensor, tag: int, *, own_slot: bool = True
+) -> list[Message]:
     """The messages of an all-gather done point to point: ``mine`` to every other rank, and each other rank's
     contribution into its slot of ``gathered``.
 
@@ -152,15 +154,24 @@ def gather_messages(rank: int, world: int, mine: Tensor, gathered: Tensor, tag: 
         rank: this rank.
         world: number of ranks.
         mine: this rank's contiguous contribution.
-        gathered: the receive buffer, ``world`` slots of ``mine``'s shape stacked on dimension 0, in rank order
-            (``rank``'s own slot is not written).
+        gathered: the receive buffer: slots of ``mine``'s shape stacked on dimension 0 in rank order, ``world`` of
+            them (``rank``'s own slot is not written), or ``world - 1`` with ``own_slot=False`` (the own one left
+            out, for callers that keep their own contribution elsewhere).
         tag: the calling layer's tag (every message carries ``2 * tag``).
+        own_slot: whether ``gathered`` has a slot for ``rank`` itself.
 
     Returns:
         Receives first, then sends.
+
+    Example:
+        >>> import torch
+        >>> [(m.peer, m.send, m.tensor.tolist()) for m in gather_messages(
+        ...     1, 3, torch.ones(1), torch.arange(2.0), tag=0, own_slot=False)]
+        [(0, False, [0.0]), (2, False, [1.0]), (0, True, [1.0]), (2, True, [1.0])]
     """
     n = mine.shape[0]
     others = [peer for peer in range(world) if peer != rank]
-    return [Message(peer, gathered[peer * n : (peer + 1) * n], False, tag * _TAG_STRIDE) for peer in others] + [
-        Message(peer, mine, True, tag * _TAG_STRIDE) for peer in others
-    ]
+    slots = {peer: peer if own_slot or peer < rank else peer - 1 for peer in others}
+    return [
+        Message(peer, gathered[slots[peer] * n : (slots[peer] + 1) * n], False, tag * _TAG_STRIDE) for peer in others
+    ] + [Message(peer, mine, True, tag * _TAG_STRIDE) for peer in others]

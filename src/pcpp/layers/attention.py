@@ -196,13 +196,14 @@ class PartialPatchAttention(PatchLayerState, Attention):
         _rank, world = comm.rank, comm.world_size
         rows = geo.strip_rows(level)
         state.wait()
+        if ctx.phase is Phase.SYNC and ctx.config.conditioning is Conditioning.FULL:
+            return self._full_sync(kv, rows, width)
         if ctx.phase is Phase.SYNC:
             gathered = self._gather(kv, rows, width)
             state.tag = (ctx.image, ctx.step)
             batch = kv.shape[0]
             strips = [gathered[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
-            if ctx.config.conditioning is Conditioning.PARTIAL:
-                self._keep_neighbour_rows(strips, rows, width, kv)
+            self._keep_neighbour_rows(strips, rows, width, kv)
             return torch.cat(strips, dim=1)
         state.require_previous_step(ctx, self.pcpp_name)
         if ctx.config.conditioning is Conditioning.FULL:
@@ -213,21 +214,44 @@ class PartialPatchAttention(PatchLayerState, Attention):
         return f"{self.pcpp_name} ({purpose}, step {self.context.step})"
 
     def _gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """Blocking all-gather of every strip's K/V, padded to the tallest strip.
+        """Blocking all-gather of every strip's K/V, padded to the tallest strip (partial conditioning).
 
-        With partial conditioning nothing of it outlives this call (the rows the next step reads are copied out),
-        so it lands in the context's scratch buffer, shared by all layers; with full conditioning it is the
-        layer's own buffer, which the first asynchronous step reads.
+        Nothing of it outlives this call (the rows the next step reads are copied out), so it lands in the
+        context's scratch buffer, shared by all layers.
         """
         comm = self.context.patch
         padded = self._gather_input(kv, max(rows) * width, kept=False)
-        shape = (comm.world_size * kv.shape[0], *padded.shape[1:])
-        if self.context.config.conditioning is Conditioning.PARTIAL:
-            out = self.context.scratch(shape, kv)
-        else:
-            out = self._state.get("all", shape, kv)
+        out = self.context.scratch((comm.world_size * kv.shape[0], *padded.shape[1:]), kv)
         comm.all_gather(out, padded, what=self._what("K/V all-gather")).wait()
         return out
+
+    def _others(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """Full conditioning's per-layer buffer: every other strip's K/V, padded to the tallest strip, ``world - 1``
+        slots in rank order. The own strip has no slot: every step reads it fresh, so keeping it would only cost
+        memory (a ``1 / world`` share of the buffer, about 1.9 GB per rank for SDXL at 3072 px on 2 strips)."""
+        world = self.context.patch.world_size
+        return self._state.get("others", ((world - 1) * kv.shape[0], max(rows) * width, kv.shape[2]), kv)
+
+    def _with_others(self, kv: Tensor, others: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """The own strip's K/V between the other strips' (from :meth:`_others`), in image order."""
+        rank, world = self.context.patch.rank, self.context.patch.world_size
+        batch = kv.shape[0]
+        parts = []
+        for j in range(world):
+            slot = j if j < rank else j - 1
+            parts.append(kv if j == rank else others[slot * batch : (slot + 1) * batch, : rows[j] * width])
+        return torch.cat(parts, dim=1)
+
+    def _full_sync(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """Blocking gather of every other strip's K/V, point to point, into the layer's buffer (which the first
+        asynchronous step reads); returns every strip's K/V in image order."""
+        comm = self.context.patch
+        others = self._others(kv, rows, width)
+        mine = self._gather_input(kv, max(rows) * width, kept=False)
+        messages = gather_messages(comm.rank, comm.world_size, mine, others, self._tag, own_slot=False)
+        comm.send_recv(messages, what=self._what("K/V gather")).wait()
+        self._state.tag = (self.context.image, self.context.step)
+        return self._with_others(kv, others, rows, width)
 
     def _gather_input(self, kv: Tensor, tokens: int, *, kept: bool) -> Tensor:
         """This strip's K/V as a gather sends it, padded to ``tokens`` (the tallest strip's), and counted as sent
@@ -293,17 +317,13 @@ class PartialPatchAttention(PatchLayerState, Attention):
 
     def _full_async(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
         ctx = self.context
-        rank, world = ctx.patch.rank, ctx.patch.world_size
-        batch = kv.shape[0]
-        stale = self._state.get("all", (world * batch, max(rows) * width, kv.shape[2]), kv)
-        parts = [kv if j == rank else stale[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
-        context_kv = torch.cat(parts, dim=1)
+        stale = self._others(kv, rows, width)
+        context_kv = self._with_others(kv, stale, rows, width)
         # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step. Point
-        # to point (every other rank's slot), so that it joins the batch of the next layers' exchanges.
+        # to point, so that it joins the batch of the next layers' exchanges.
         mine = self._gather_input(kv, max(rows) * width, kept=True)
-        self._state.pending = ctx.defer(
-            gather_messages(rank, world, mine, stale, self._tag), self._what("K/V all-gather")
-        )
+        messages = gather_messages(ctx.patch.rank, ctx.patch.world_size, mine, stale, self._tag, own_slot=False)
+        self._state.pending = ctx.defer(messages, self._what("K/V all-gather"))
         self._state.tag = (ctx.image, ctx.step)
         return context_kv
 
