@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["DONE", "Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages"]
+__all__ = ["DONE", "Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages", "other_slot"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,17 @@ def neighbour_messages(
     return messages
 
 
+def other_slot(rank: int, peer: int) -> int:
+    """The slot of ``peer``'s contribution in a gathered buffer that has none for ``rank`` itself (rank order with
+    the own slot left out, as :func:`gather_messages` fills it with ``own_slot=False``).
+
+    Example:
+        >>> [other_slot(1, peer) for peer in (0, 2, 3)]
+        [0, 1, 2]
+    """
+    return peer if peer < rank else peer - 1
+
+
 def gather_messages(
     rank: int, world: int, mine: Tensor, gathered: Tensor, tag: int, *, own_slot: bool = True
 ) -> list[Message]:
@@ -171,7 +182,7 @@ def gather_messages(
     """
     n = mine.shape[0]
     others = [peer for peer in range(world) if peer != rank]
-    slots = {peer: peer if own_slot or peer < rank else peer - 1 for peer in others}
+    slots = {peer: peer if own_slot else other_slot(rank, peer) for peer in others}
     return [
         Message(peer, gathered[slots[peer] * n : (slots[peer] + 1) * n], False, tag * _TAG_STRIDE) for peer in others
     ] + [Message(peer, mine, True, tag * _TAG_STRIDE) for peer in others]

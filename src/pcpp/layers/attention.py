@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import Tensor
 
-from ..comm.base import gather_messages, neighbour_messages
+from ..comm.base import gather_messages, neighbour_messages, other_slot
 from ..config import Conditioning, Phase
 from ..context import Geometry, PatchContext
 from ..errors import ConversionError, PCPPError
@@ -192,8 +192,7 @@ class PartialPatchAttention(PatchLayerState, Attention):
     def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
         """The keys and values (concatenated on the last dim) that this strip's queries attend to."""
         ctx, state = self.context, self._state
-        comm = ctx.patch
-        _rank, world = comm.rank, comm.world_size
+        world = ctx.patch.world_size
         rows = geo.strip_rows(level)
         state.wait()
         if ctx.phase is Phase.SYNC and ctx.config.conditioning is Conditioning.FULL:
@@ -238,7 +237,7 @@ class PartialPatchAttention(PatchLayerState, Attention):
         batch = kv.shape[0]
         parts = []
         for j in range(world):
-            slot = j if j < rank else j - 1
+            slot = other_slot(rank, j)
             parts.append(kv if j == rank else others[slot * batch : (slot + 1) * batch, : rows[j] * width])
         return torch.cat(parts, dim=1)
 
