@@ -6,11 +6,13 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+import pcpp.testing
 
 from .job import Study, config_sizes, record_path, reference_path
 from .metrics import summarize
@@ -20,11 +22,19 @@ from .ranks import reference_worker, study_worker
 logger = logging.getLogger("pcpp.fidelity")
 
 
+def spawn(study: Study, fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` fresh processes (gloo, or NCCL for a CUDA study), within the study's
+    timeout; returns the ranks' results in rank order (see :func:`pcpp.testing.run_distributed`)."""
+    backend = "nccl" if study.job.device == "cuda" else "gloo"
+    # pcpp.testing.run_distributed is looked up at each call, so that a test can stand in for it.
+    return pcpp.testing.run_distributed(
+        fn, world, *args, timeout=study.timeout_s, group_timeout=study.timeout_s, backend=backend
+    )
+
+
 def compute_references(study: Study) -> None:
     """Compute the single-device images of every size not cached in ``reference_dir`` (prompts split over
     ``reference_procs`` spawned processes; in this process if 1) and save them there."""
-    from pcpp.testing import run_distributed
-
     job = study.job
     missing = tuple(s for s in config_sizes(job.configs) if not reference_path(job, s).is_file())
     if not missing:
@@ -34,15 +44,7 @@ def compute_references(study: Study) -> None:
     if procs == 1:  # in this process: no spawn
         parts = [reference_worker(0, 1, job, missing)]
     else:
-        parts = run_distributed(
-            reference_worker,
-            procs,
-            job,
-            missing,
-            timeout=study.timeout_s,
-            group_timeout=study.timeout_s,
-            backend="nccl" if job.device == "cuda" else "gloo",
-        )
+        parts = spawn(study, reference_worker, procs, job, missing)
     for size in missing:
         first = parts[0][size]
         full = torch.empty((len(job.prompts), *first.shape[1:]), dtype=first.dtype)
@@ -63,8 +65,6 @@ def run_study(study: Study) -> tuple[list[dict[str, Any]], dict[tuple[int, str],
         The merged records (one per configuration, JSON-ready except for ``config``) and the grid images
         ``{(size, mode label): images}`` of ``grid_ranks``.
     """
-    from pcpp.testing import run_distributed
-
     job = study.job
     compute_references(study)
     for ranks in sorted({c.ranks for c in job.configs}):
@@ -74,14 +74,7 @@ def run_study(study: Study) -> tuple[list[dict[str, Any]], dict[tuple[int, str],
         grid_ids = job.grid_ids if ranks == study.grid_ranks else ()
         sub = dataclasses.replace(job, configs=todo, grid_ids=grid_ids)
         start = time.perf_counter()
-        per_rank = run_distributed(
-            study_worker,
-            ranks,
-            sub,
-            timeout=study.timeout_s,
-            group_timeout=study.timeout_s,
-            backend="nccl" if job.device == "cuda" else "gloo",
-        )
+        per_rank = spawn(study, study_worker, ranks, sub)
         logger.info("%d ranks: %d configurations in %.1f s", ranks, len(todo), time.perf_counter() - start)
         for k, config in enumerate(todo):
             parts = [rank_records[k] for rank_records in per_rank]
