@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from .audit import audit_conversion
 from .comm.groups import CommLike, ParallelGroups, resolve_groups
 from .comm.torch_dist import TorchCommunicator
 from .config import Conditioning, PCPPConfig
@@ -122,6 +123,7 @@ def convert(
             "or pcpp.revert(unet) first to convert it again with another communicator."
         )
     plan = plan_conversion(unet)
+    audit_conversion(unet, [r.name for r in plan])  # refuse a plan that would give a wrong image, before any change
     groups = resolve_groups(comm, config.timeout)
     levels = unet_levels(unet)
     context = PatchContext(config, groups.patch, unit=2**levels, levels=levels)

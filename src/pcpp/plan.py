@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .audit import runs_on_latent
 from .context import PatchContext
 from .errors import ConversionError, UnsupportedModuleError
 from .layers import AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
@@ -136,8 +137,8 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
     plan: list[Replacement] = []
     problems: list[str] = []
     for name, module in modules.items():
-        if not name:
-            continue
+        if not name or not runs_on_latent(unet, name):
+            continue  # embedding and hint paths, text norms: they never see the latent, so they stay whole
         parent_name, _, child_name = name.rpartition(".")
         if isinstance(module, nn.Conv2d):
             entry = name == ENTRY_CONV
