@@ -10,6 +10,7 @@ importing torch and diffusers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -111,9 +112,9 @@ def test_usage_error_is_one_line_once_with_status_2_before_any_model(
 def test_usage_error_under_torchrun_is_printed_once_by_rank_0(tmp_path: Path) -> None:
     """Under torchrun every rank refuses (exit 2) before any process group exists; only rank 0 prints the line.
 
-    torchrun then prints its own failure report, because a worker exited non-zero, and exits with status 1; that
-    report cannot be suppressed from the workers, but it shows pcpp's line as each rank's "traceback" (pcpp writes
-    torchrun's error file) instead of "<N/A>".
+    torchrun then stops the other workers, prints its own failure report, because a worker exited non-zero, and
+    exits with status 1; that report cannot be suppressed from the workers, but it shows pcpp's line as the failed
+    ranks' "traceback" (pcpp writes torchrun's error file) instead of "<N/A>".
     """
     command = ["torchrun", "--nproc-per-node", "2", "-m", "pcpp", "generate", "--partial", "2"]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
@@ -123,6 +124,46 @@ def test_usage_error_under_torchrun_is_printed_once_by_rank_0(tmp_path: Path) ->
         "pcpp generate: error: --partial 2 is outside [0, 1]: it is the share of neighbour rows attention reads"
     ], output
     assert done.returncode == 1, output  # torchrun's own status for any failed worker
-    assert output.count("exitcode  : 2") == 2, output  # both ranks exited with 2
-    assert "traceback : pcpp generate: error: --partial 2" in output, output
+    # torchrun's root cause is a rank that exited with 2, and its report quotes pcpp's line (from the error file).
+    # The other rank exits with 2 too, unless torchrun's SIGTERM (sent once one worker failed) reaches it first.
+    root_cause = output.split("Root Cause")[-1]
+    assert "exitcode  : 2" in root_cause, output
+    assert "traceback : pcpp generate: error: --partial 2 is outside [0, 1]" in root_cause, output
     assert output.count("Traceback (most recent call last)") == 1, output  # torchrun's own; none from the ranks
+
+
+def test_debug_adds_the_traceback(tmp_path: Path) -> None:
+    outcome = _run(tmp_path / "debug", [sys.executable, "-m", "pcpp", "generate", "--partial", "2", "--debug"])
+    assert outcome.returncode == 2
+    assert outcome.stderr.startswith("Traceback (most recent call last)"), outcome.stderr
+    assert outcome.stderr.splitlines()[-1].startswith("pcpp generate: error: --partial 2 is outside [0, 1]")
+
+
+def test_a_fault_is_one_line_per_failing_rank_with_status_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Faults (a peer timing out, say) may differ between ranks, so each failing rank prints its own line; usage
+    errors are the same everywhere, so only rank 0 prints them. Both fill torchrun's error file when it is set."""
+    from pcpp.cli.failures import report_failure
+    from pcpp.cli.options import UsageError
+    from pcpp.errors import PeerTimeoutError
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    fault = PeerTimeoutError("rank 0 did not answer within 10 s\n(layer down_blocks.0, step 3)")
+    assert report_failure(fault, rank=1, debug=False) == 1
+    line = "pcpp generate: rank 1: PeerTimeoutError: rank 0 did not answer within 10 s (layer down_blocks.0, step 3)"
+    assert capsys.readouterr().err == line + " (rerun with --debug for the traceback)\n"
+    assert json.loads(error_file.read_text())["message"]["message"].startswith(line)
+
+    assert report_failure(UsageError("--steps 0 must be at least 1"), rank=1, debug=False) == 2
+    assert capsys.readouterr().err == ""
+    assert report_failure(UsageError("--steps 0 must be at least 1"), rank=0, debug=False) == 2
+    assert capsys.readouterr().err == "pcpp generate: error: --steps 0 must be at least 1\n"
+
+    with pytest.raises(PeerTimeoutError) as raised:
+        raise fault
+    assert report_failure(raised.value, rank=0, debug=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)")
+    assert err.endswith("PeerTimeoutError: rank 0 did not answer within 10 s (layer down_blocks.0, step 3)\n")
