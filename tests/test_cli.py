@@ -167,3 +167,27 @@ def test_a_fault_is_one_line_per_failing_rank_with_status_1(
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last)")
     assert err.endswith("PeerTimeoutError: rank 0 did not answer within 10 s (layer down_blocks.0, step 3)\n")
+
+
+def test_pipeline_sizes_come_from_its_unet_and_vae_configs(tmp_path: Path) -> None:
+    """A pipeline folder is checked from its config files alone: SD 1.5's UNet downsamples 8x below an 8x VAE, so
+    heights go in multiples of 64 pixels (at least 64 per strip) and widths in multiples of 8."""
+    from pcpp.cli.options import UsageError, parse_options
+
+    for part, config in {
+        "unet": {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]},
+        "vae": {"block_out_channels": [128, 256, 512, 512]},
+    }.items():
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(config))
+    out = ["--out", str(tmp_path / "x.png")]
+    ok = parse_options(["--model", str(tmp_path), "--height", "128", "--width", "200", *out], rank=0, world=2)
+    assert (ok.height, ok.width, ok.world) == (128, 200, 2)
+    message = (
+        "its VAE downsamples 8x and its UNet downsamples 8x more, so the height must be a multiple of 64 pixels and "
+        "at least 192 for 3 strips; the nearest height that works is 192"
+    )
+    with pytest.raises(UsageError, match=message):
+        parse_options(["--model", str(tmp_path), "--height", "128", *out], rank=0, world=3)
+    with pytest.raises(UsageError, match="--width 100 is not a multiple of 8 pixels"):
+        parse_options(["--model", str(tmp_path), "--height", "64", "--width", "100", *out], rank=0, world=1)
