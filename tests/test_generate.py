@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from pcpp.testing import run_distributed
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _generate(rank: int, world: int, out: str, extra: list[str]) -> int:
@@ -22,19 +32,77 @@ def test_generate_on_two_ranks_writes_an_image_close_to_one_device(
     tmp_path: Path, extra: list[str], min_psnr: float
 ) -> None:
     """Both ranks exit 0, rank 0 writes a PNG and reports PSNR against the single-device image: exact mode is
-    float rounding away (> 60 dB; measured ~100 dB or infinite), partial 0.3 with 4 warmup steps of 6 stays
-    recognisably the same image (> 20 dB; measured 35-40 dB at 64 px)."""
+    float rounding away (> 60 dB; measured ~100 dB or identical), partial 0.3 with 4 warmup steps of 6 stays
+    recognisably the same image (> 20 dB; measured 35-40 dB at 64 px). The report is strict JSON: identical images
+    have ``"psnr_db": null`` and ``"identical": true`` instead of an infinite PSNR."""
     out = tmp_path / "image.png"
     assert run_distributed(_generate, 2, str(out), extra) == [0, 0]
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    report = json.loads(Path(str(out) + ".json").read_text())
+    report = _strict_json(Path(str(out) + ".json").read_text())
     assert report["world"] == 2
-    assert report["psnr_db"] > min_psnr, report
+    assert report["synchronous_steps"] == (6 if extra else 4)
+    if report["identical"]:
+        assert report["psnr_db"] is None, report
+        assert report["max_abs_diff"] == 0.0, report
+    else:
+        assert report["psnr_db"] > min_psnr, report
+
+
+def _generate_with_slow_reference(rank: int, world: int, out: str, timeout_s: float) -> int:
+    """`pcpp generate` on this rank, with every single-device run (an unconverted UNet) made timeout_s + 2 s slower."""
+    import time
+
+    import pcpp
+    import pcpp.models
+    from pcpp.cli import generate_main
+
+    plain = pcpp.models.sample
+
+    def slow_when_single_device(model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not pcpp.is_converted(model.unet):
+            time.sleep(timeout_s + 2)
+        return plain(model, *args, **kwargs)
+
+    pcpp.models.sample = slow_when_single_device  # the command looks it up when it loads the model
+    args = ["--height", "16", "--width", "16", "--steps", "2", "--exact", "--timeout-s", str(timeout_s)]
+    return generate_main([*args, "--out", out, "--report", out + ".json"])
+
+
+def test_single_device_reference_does_not_count_against_the_peer_timeout(tmp_path: Path) -> None:
+    """Issue 14: with --timeout-s 10 the other ranks used to time out while rank 0 computed the single-device
+    reference. Here the reference takes longer than the timeout (15 s + 2 s) and both ranks still succeed."""
+    out = tmp_path / "image.png"
+    assert run_distributed(_generate_with_slow_reference, 2, str(out), 15.0) == [0, 0]
+    report = _strict_json(Path(str(out) + ".json").read_text())
+    assert report["single_device_seconds"] > 17.0
+    assert report["identical"] or report["psnr_db"] > 60.0, report
 
 
 def test_generate_without_torchrun_runs_on_one_process(tmp_path: Path) -> None:
-    from pcpp.cli import generate_main
+    """One process, no torchrun: the saved image is the plain single-device sampler's image for the same prompt,
+    seed and settings (3 steps, all synchronous, so up to float rounding; compared after 8-bit quantisation, so
+    within 1/255), and the PNG's text chunks hold the prompt, seed and settings."""
+    from PIL import Image
 
+    from pcpp.cli import generate_main
+    from pcpp.models import load_tiny, sample
+    from pcpp.models.imageio import read_png_text
+
+    prompt = "a green ring on a pink background"
     out = tmp_path / "one.png"
-    assert generate_main(["--height", "32", "--width", "32", "--steps", "3", "--no-reference", "--out", str(out)]) == 0
-    assert out.read_bytes().startswith(b"\x89PNG")
+    args = ["--prompt", prompt, "--seed", "5", "--height", "32", "--width", "24", "--steps", "3", "--guidance", "3"]
+    assert generate_main([*args, "--no-reference", "--out", str(out)]) == 0
+
+    expected = sample(load_tiny(), [prompt], height=32, width=24, steps=3, guidance=3.0, seed=5)[0]
+    with Image.open(out) as image:
+        assert image.mode == "RGB"
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=1 / 255 + 1e-6)  # 8-bit rounding of equal floats
+
+    text = read_png_text(out)
+    assert text["prompt"] == prompt
+    assert text["seed"] == "5"
+    assert (text["model"], text["size"], text["steps"], text["guidance"]) == ("tiny", "24x32", "3", "3.0")
+    assert (text["world_size"], text["exact"], text["warmup_steps"]) == ("1", "false", "4")
+    assert text["mode"] == "exact (warmup 4 covers all 3 steps)"
+    assert text["pcpp_version"]

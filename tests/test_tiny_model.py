@@ -7,13 +7,15 @@ DDIM steps.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import struct
-import zlib
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor
 
 from pcpp.models import (
@@ -32,7 +34,7 @@ from pcpp.models import (
     weights_dir,
 )
 from pcpp.models.check import UNIT_AREAS, nearest_colors, read_colors, read_shape, total_variation
-from pcpp.models.imageio import encode_png, image_grid
+from pcpp.models.imageio import encode_png, image_grid, read_png_text, save_png
 from pcpp.models.shapes import shape_sdf
 
 # (prompt, object colour, background colour, shape)
@@ -256,17 +258,45 @@ def test_sample_rejects_bad_sizes(model: TinyModel) -> None:
 # --- PNG helpers --------------------------------------------------------------------------------------------------
 
 
-def test_png_encoding_round_trips() -> None:
+def test_png_round_trips_pixels_and_text(tmp_path: Path) -> None:
     image = render_scenes(sample_scenes(1, torch.Generator().manual_seed(2)), 12, 20)[0]
-    data = encode_png(image)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (20, 12)
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41 : 41 + idat_len])
-    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(12, 1 + 20 * 3)
-    assert int(rows[:, 0].max()) == 0
-    decoded = rows[:, 1:].reshape(12, 20, 3).permute(2, 0, 1).float() / 255
-    assert float((decoded - image).abs().max()) <= 0.5 / 255 + 1e-6
+    text = {"prompt": "a red circle on a blue background", "seed": "7", "note": "non-Latin-1 text: \u2713"}
+    save_png(image, tmp_path / "a.png", text)
+    assert (tmp_path / "a.png").read_bytes() == encode_png(image, text)
+    with Image.open(tmp_path / "a.png") as png:
+        assert (png.format, png.mode, png.size) == ("PNG", "RGB", (20, 12))
+        decoded = torch.from_numpy(np.array(png)).permute(2, 0, 1).float() / 255
+    assert float((decoded - image).abs().max()) <= 0.5 / 255 + 1e-6  # 8-bit rounding only
+    assert read_png_text(tmp_path / "a.png") == text
+    assert read_png_text(_plain_png(tmp_path, image)) == {}
+    with pytest.raises(ValueError, match=r"expected a \(3, H, W\) image"):
+        encode_png(image[:2])
     grid = image_grid([[image, image], [image]], cell=24, pad=2)
     assert grid.shape == (3, 2 * 24 + 3 * 2, 2 * 24 + 3 * 2)
+
+
+def _plain_png(folder: Path, image: Tensor) -> Path:
+    path = folder / "plain.png"
+    save_png(image, path)
+    return path
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_sample_shows_progress_only_when_asked_and_on_a_terminal(
+    model: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """progress=True draws a tqdm bar over the steps on a terminal; never with progress=False; tqdm's own default
+    hides it when stderr is not a terminal (logs, tests, other ranks' redirected output)."""
+    prompt = ["a red circle on a blue background"]
+    for progress, stream, shown in (
+        (True, _Terminal(), True),
+        (False, _Terminal(), False),
+        (True, io.StringIO(), False),
+    ):
+        monkeypatch.setattr(sys, "stderr", stream)
+        sample(model, prompt, height=8, width=8, steps=2, progress=progress)
+        assert ("denoising" in stream.getvalue() and "/2" in stream.getvalue()) is shown, stream.getvalue()

@@ -5,6 +5,7 @@ shapes of :mod:`pcpp.models.shapes`), :func:`encode_prompts` encodes prompts for
 plain single-device DDIM sampler with classifier-free guidance. See ``docs/tiny-model.md``.
 """
 
+from pcpp.models.sampler import encode_prompts, sample
 from pcpp.models.shapes import COLORS, SHAPES, VOCABULARY, SceneBatch, render_scenes, sample_scenes, scene_captions
 from pcpp.models.tiny import (
     DEFAULT_GUIDANCE,
@@ -14,9 +15,8 @@ from pcpp.models.tiny import (
     TinyTokenizer,
     build_scheduler,
     build_unet,
-    encode_prompts,
     load_tiny,
-    sample,
+    load_tokenizer,
     save_tiny,
     unet_config,
     weights_dir,
@@ -36,6 +36,7 @@ __all__ = [
     "build_unet",
     "encode_prompts",
     "load_tiny",
+    "load_tokenizer",
     "render_scenes",
     "sample",
     "sample_scenes",

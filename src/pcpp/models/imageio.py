@@ -1,31 +1,28 @@
-"""Dependency-free helpers to save images and image grids as PNG (zlib only, no Pillow needed)."""
+"""Save images and image grids as PNG (through Pillow), with text metadata such as the prompt and seed."""
 
 from __future__ import annotations
 
-import struct
-import zlib
-from collections.abc import Sequence
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-__all__ = ["encode_png", "image_grid", "save_png"]
+__all__ = ["encode_png", "image_grid", "read_png_text", "save_png", "to_pil"]
 
 
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def encode_png(image: Tensor) -> bytes:
-    """Encodes one RGB image as an 8-bit PNG.
+def to_pil(image: Tensor) -> Image.Image:
+    """Converts one RGB image tensor to an 8-bit Pillow image.
 
     Args:
         image: ``(3, H, W)`` float tensor in [0, 1] (values outside are clamped).
 
     Returns:
-        The PNG file's bytes.
+        The ``RGB`` Pillow image.
 
     Raises:
         ValueError: If ``image`` is not ``(3, H, W)``.
@@ -33,25 +30,68 @@ def encode_png(image: Tensor) -> bytes:
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-    height, width = pixels.shape[:2]
-    rows = torch.cat([torch.zeros(height, 1, dtype=torch.uint8), pixels.reshape(height, width * 3)], 1)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
-        + _chunk(b"IEND", b"")
-    )
+    return Image.fromarray(pixels.contiguous().numpy())  # (H, W, 3) uint8: RGB
 
 
-def save_png(image: Tensor, path: str | Path) -> None:
+def _png_info(text: Mapping[str, str] | None) -> PngInfo | None:
+    if not text:
+        return None
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, str(value))  # Pillow writes iTXt for text outside Latin-1, tEXt otherwise
+    return info
+
+
+def encode_png(image: Tensor, text: Mapping[str, str] | None = None) -> bytes:
+    """Encodes one RGB image as an 8-bit PNG.
+
+    Args:
+        image: ``(3, H, W)`` float tensor in [0, 1] (values outside are clamped).
+        text: Key/value pairs stored as PNG text chunks (e.g. ``{"prompt": ..., "seed": "0"}``).
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        ValueError: If ``image`` is not ``(3, H, W)``.
+
+    Example:
+        >>> data = encode_png(torch.zeros(3, 4, 4), {"prompt": "a red circle"})
+        >>> data[:4]
+        b'\\x89PNG'
+    """
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG", pnginfo=_png_info(text))
+    return buffer.getvalue()
+
+
+def save_png(image: Tensor, path: str | Path, text: Mapping[str, str] | None = None) -> None:
     """Saves one RGB image as PNG.
 
     Args:
         image: ``(3, H, W)`` float tensor in [0, 1].
         path: Output file.
+        text: Key/value pairs stored as PNG text chunks (see :func:`encode_png`).
+
+    Raises:
+        ValueError: If ``image`` is not ``(3, H, W)``.
+        OSError: If the file cannot be written.
     """
-    Path(path).write_bytes(encode_png(image))
+    Path(path).write_bytes(encode_png(image, text))
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """Reads the text chunks of a PNG file (what :func:`save_png` stored as ``text``).
+
+    Args:
+        path: A PNG file.
+
+    Returns:
+        The text chunks, key to value.
+    """
+    with Image.open(path) as image:
+        image.load()  # text chunks after the image data are read only with it
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
 def image_grid(rows: Sequence[Sequence[Tensor]], cell: int, pad: int = 4, background: float = 1.0) -> Tensor:

@@ -11,8 +11,8 @@ Typical use::
     model = load_tiny()
     images = sample(model, ["a red circle on a blue background"], height=64, width=64)
 
-:func:`sample` is a plain DDIM loop with classifier-free guidance that calls ``model.unet`` once per step on the
-batch ``[unconditional, conditional]``; to run a converted (patch-parallel) UNet, pass
+:func:`~pcpp.models.sampler.sample` is a plain DDIM loop with classifier-free guidance that calls ``model.unet``
+once per step on the batch ``[unconditional, conditional]``; to run a converted (patch-parallel) UNet, pass
 ``dataclasses.replace(model, unet=converted)``.
 """
 
@@ -43,9 +43,8 @@ __all__ = [
     "TinyTokenizer",
     "build_scheduler",
     "build_unet",
-    "encode_prompts",
     "load_tiny",
-    "sample",
+    "load_tokenizer",
     "save_tiny",
     "unet_config",
     "weights_dir",
@@ -54,7 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE: Final = 2.0
-"""Classifier-free guidance scale used by :func:`sample` unless told otherwise."""
+"""Classifier-free guidance scale used by :func:`pcpp.models.sample` unless told otherwise."""
 
 UNET_DIR: Final = "unet"
 UNET_WEIGHTS: Final = "diffusion_pytorch_model.safetensors"
@@ -297,7 +296,7 @@ class TinyModel:
         unet: The denoiser (predicts v); may be replaced by a converted UNet with :func:`dataclasses.replace`.
         text_encoder: Prompt encoder.
         tokenizer: Prompt tokenizer.
-        scheduler: The DDIM scheduler configured as trained (copied before use by :func:`sample`).
+        scheduler: The DDIM scheduler configured as trained (copied before use by :func:`pcpp.models.sample`).
     """
 
     unet: nn.Module
@@ -370,6 +369,23 @@ def save_tiny(
     logger.info("saved tiny model to %s", directory)
 
 
+def load_tokenizer(directory: str | Path | None = None) -> TinyTokenizer:
+    """Reads the tiny model's tokenizer from its text-encoder config alone (no weights), e.g. to check a prompt.
+
+    Args:
+        directory: A folder written by :func:`save_tiny`; the packaged weights if None.
+
+    Returns:
+        The tokenizer :func:`load_tiny` would return.
+
+    Raises:
+        FileNotFoundError: If the folder has no text-encoder config.
+    """
+    root = Path(directory) if directory is not None else weights_dir()
+    config = TinyTextEncoderConfig.from_json((root / TEXT_ENCODER_CONFIG).read_text())
+    return TinyTokenizer(config.vocabulary, config.max_length)
+
+
 def load_tiny(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -412,80 +428,3 @@ def load_tiny(
         nn.Module.to(module, device=target, dtype=dtype).eval().requires_grad_(False)
     logger.debug("loaded tiny model from %s on %s (%s)", root, target, dtype)
     return TinyModel(unet=unet, text_encoder=text_encoder, tokenizer=text_encoder.tokenizer(), scheduler=scheduler)
-
-
-def encode_prompts(model: TinyModel, prompts: Sequence[str]) -> Tensor:
-    """Encodes prompts for the UNet's cross-attention.
-
-    Args:
-        model: The model.
-        prompts: The prompts (``""`` is the unconditional prompt).
-
-    Returns:
-        ``(len(prompts), max_length, cross_attention_dim)`` on the model's device and dtype.
-
-    Raises:
-        ValueError: If a prompt has a word outside the vocabulary (the message lists the vocabulary).
-    """
-    ids = model.tokenizer(prompts).to(model.device)
-    with torch.no_grad():
-        context: Tensor = model.text_encoder(ids)
-    return context
-
-
-@torch.no_grad()
-def sample(
-    model: TinyModel,
-    prompts: Sequence[str],
-    *,
-    height: int,
-    width: int,
-    steps: int = 20,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Generates one image per prompt with DDIM (eta = 0) and classifier-free guidance, on one device.
-
-    Each step calls ``model.unet(x, t, encoder_hidden_states=context).sample`` once, on the batch
-    ``[x_uncond, x_cond]`` (``2 * len(prompts)`` images) with ``context = [encode(""), encode(prompts)]``.
-
-    Args:
-        model: The model (:func:`load_tiny`).
-        prompts: The prompts.
-        height: Image height in pixels (a multiple of 4: the UNet downsamples twice).
-        width: Image width in pixels (a multiple of 4).
-        steps: DDIM steps.
-        guidance: Classifier-free guidance scale (1.0 = conditional prediction only).
-        seed: Seed of the initial noise when ``generator`` is None.
-        generator: Source of the initial noise (drawn on the generator's device, then moved).
-
-    Returns:
-        ``(len(prompts), 3, height, width)`` float32 images in [0, 1] on the model's device.
-
-    Raises:
-        ValueError: On an empty prompt list, a size that is not a positive multiple of 4, ``steps < 1``, or an
-            unknown word.
-    """
-    if not prompts:
-        raise ValueError("prompts is empty")
-    if height <= 0 or width <= 0 or height % 4 or width % 4:
-        raise ValueError(f"height and width must be positive multiples of 4, got {height}x{width}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    n = len(prompts)
-    context = torch.cat([encode_prompts(model, [""] * n), encode_prompts(model, prompts)])
-    trained: Any = model.scheduler  # diffusers' mixins are opaque to mypy
-    scheduler: Any = DDIMScheduler.from_config(trained.config)
-    scheduler.set_timesteps(steps, device=model.device)
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, 3, height, width), generator=generator, device=generator.device, dtype=torch.float32)
-    x: Tensor = noise.to(model.device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(torch.cat([x, x]), t).to(model.dtype)
-        out: Tensor = model.unet(x_in, t, encoder_hidden_states=context).sample
-        uncond, cond = out.float().chunk(2)
-        guided = uncond + guidance * (cond - uncond)
-        x = scheduler.step(guided, t, x).prev_sample
-    return (x.clamp(-1, 1) + 1) / 2

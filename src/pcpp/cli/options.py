@@ -1,0 +1,265 @@
+"""``pcpp generate``'s arguments: the parser and every check that can be made before a model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pcpp import Conditioning
+
+from .sizes import size_rule
+
+__all__ = ["GenerateOptions", "UsageError", "build_parser", "parse_options"]
+
+DEFAULT_PARTIAL = 0.3
+DEFAULT_WARMUP = 4
+
+
+class UsageError(Exception):
+    """An argument or input ``pcpp generate`` refuses: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting, and is silent off rank 0."""
+
+    def __init__(self, *args: object, quiet: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._quiet = quiet
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if not self._quiet:  # --help under torchrun: once, not once per rank
+            super()._print_message(message, file)
+
+
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of ``pcpp generate``.
+
+    Args:
+        quiet: Print nothing (``--help``) — for ranks other than the first.
+
+    Returns:
+        The parser; its ``error`` raises :class:`UsageError`.
+    """
+    parser = _Parser(
+        prog="pcpp generate",
+        quiet=quiet,
+        description="Generate one image with patch parallelism over every process of a torchrun job (one process "
+        "without torchrun), save it as PNG (prompt, seed and settings in its text chunks), then compare it with the "
+        "single-device image. Default model: pcpp's own tiny text-to-image model (coloured shapes), shipped with "
+        "the package: no download. Usage errors print one line and exit with status 2.",
+    )
+    add = parser.add_argument
+    add("--prompt", default="a red circle on a blue background", help="what to draw (default: %(default)r)")
+    add("--model", default="tiny", help="'tiny' or a diffusers pipeline id or folder (default: %(default)s)")
+    add("--height", type=int, default=128, help="image height in pixels (default: %(default)s)")
+    add("--width", type=int, default=128, help="image width in pixels (default: %(default)s)")
+    add("--steps", type=int, default=20, help="denoising steps, at least 1 (default: %(default)s)")
+    add("--guidance", type=float, default=None, help="CFG scale (default: the model's; 2.0 for tiny)")
+    add("--seed", type=int, default=0, help="seed of the initial noise, same on every rank (default: %(default)s)")
+    add(
+        "--partial",
+        type=float,
+        default=None,
+        help=f"share of neighbour rows attention reads, in [0, 1] (default: {DEFAULT_PARTIAL})",
+    )
+    add(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"synchronous steps at the start, fewer than --steps (default: {DEFAULT_WARMUP}; if that is not "
+        "fewer than --steps, every step is synchronous and the run says so)",
+    )
+    add("--full-conditioning", action="store_true", help="DistriFusion's every-strip attention (not with --partial)")
+    add("--exact", action="store_true", help="every step synchronous, reproduces one device (no --partial/--warmup)")
+    add("--cfg-split", action="store_true", help="split the CFG batch over 2 groups (an even number of processes)")
+    add("--no-reference", action="store_true", help="skip the single-device comparison")
+    add("--out", default="pcpp.png", help="where rank 0 saves the image, PNG (default: %(default)s)")
+    add("--report", default=None, help="rank 0 also writes timings and comparison here as strict JSON")
+    add("--timeout-s", type=float, default=300.0, help="longest wait on a peer, seconds (default: %(default)s)")
+    add("--debug", action="store_true", help="print the traceback of an error, not just its one line")
+    return parser
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Validated settings of one ``pcpp generate`` run (see :func:`build_parser` for their meaning).
+
+    Attributes:
+        world: Processes in the job.
+        rank: This process's rank.
+    """
+
+    prompt: str
+    model: str
+    height: int
+    width: int
+    steps: int
+    guidance: float | None
+    seed: int
+    partial: float
+    warmup_steps: int
+    conditioning: Conditioning
+    exact: bool
+    cfg_split: bool
+    reference: bool
+    out: Path
+    report: Path | None
+    timeout_s: float
+    debug: bool
+    world: int
+    rank: int
+
+    @property
+    def synchronous_steps(self) -> int:
+        """Steps that run synchronously: every one in exact mode, else the warmup (the first step always)."""
+        return self.steps if self.exact else min(self.steps, max(1, self.warmup_steps))
+
+    @property
+    def mode(self) -> str:
+        """The run's mode in words, as logged and reported."""
+        if self.exact:
+            return "exact"
+        if self.synchronous_steps == self.steps:
+            return f"exact (warmup {self.warmup_steps} covers all {self.steps} steps)"
+        return "full conditioning" if self.conditioning is Conditioning.FULL else f"partial {self.partial}"
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Refuse an output path that cannot be written, without creating anything (ranks check it at once)."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'pcpp.png'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():  # the missing folders are created when the file is written
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be created: folder {parent} is not writable")
+
+
+def _check_modes(ns: argparse.Namespace) -> None:
+    if ns.exact:
+        given = [f for f, v in (("--partial", ns.partial), ("--warmup-steps", ns.warmup_steps)) if v is not None]
+        given += ["--full-conditioning"] if ns.full_conditioning else []
+        if given:
+            raise UsageError(
+                f"--exact makes every step synchronous, so {' and '.join(given)} would have no effect; drop one"
+            )
+    if ns.full_conditioning and ns.partial is not None:
+        raise UsageError("--full-conditioning reads every other strip whole, so --partial would have no effect")
+    if ns.partial is not None and not (math.isfinite(ns.partial) and 0.0 <= ns.partial <= 1.0):
+        raise UsageError(
+            f"--partial {ns.partial:g} is outside [0, 1]: it is the share of neighbour rows attention reads"
+        )
+    if ns.warmup_steps is not None:
+        if ns.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps {ns.warmup_steps} is negative")
+        if ns.warmup_steps >= ns.steps:
+            raise UsageError(
+                f"--warmup-steps {ns.warmup_steps} leaves none of the {ns.steps} steps asynchronous (every step "
+                f"would be synchronous); use --exact for that, or --warmup-steps {max(0, ns.steps - 1)} or fewer"
+            )
+
+
+def _check_numbers(ns: argparse.Namespace, world: int) -> int:
+    """Checks the counts and sizes; returns the number of strips (processes of one patch group)."""
+    if ns.steps < 1:
+        raise UsageError(f"--steps {ns.steps} must be at least 1")
+    if ns.height < 1 or ns.width < 1:
+        raise UsageError(f"--height {ns.height} and --width {ns.width} must be positive")
+    if not (math.isfinite(ns.timeout_s) and ns.timeout_s > 0):
+        raise UsageError(f"--timeout-s {ns.timeout_s} must be a positive number of seconds")
+    if ns.guidance is not None and not math.isfinite(ns.guidance):
+        raise UsageError(f"--guidance {ns.guidance} must be a finite number")
+    if not 0 <= ns.seed < 2**63:
+        raise UsageError(f"--seed {ns.seed} must be in [0, 2**63)")
+    if ns.cfg_split and (world < 2 or world % 2):
+        raise UsageError(
+            f"--cfg-split needs an even number of processes (2 groups of strips); this run has {world}"
+            + (" (run it under torchrun --nproc-per-node 2 or more)" if world == 1 else "")
+        )
+    return world // 2 if ns.cfg_split else world
+
+
+def _check_model(model: str) -> None:
+    if model == "tiny" or Path(model).is_dir():
+        return
+    if model.startswith(("/", ".", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise UsageError(f"--model {model}: no such folder, and not a hub id either (use 'tiny', a folder or org/name)")
+
+
+def _check_prompt(model: str, prompt: str) -> None:
+    if model != "tiny":
+        return  # a pipeline's tokenizer takes any text
+    from pcpp.models import load_tokenizer
+
+    try:
+        load_tokenizer().words(prompt)
+    except ValueError as exc:
+        raise UsageError(f"--prompt: {exc}") from None
+
+
+def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateOptions:
+    """Parses and validates ``pcpp generate``'s arguments, before any process group or model exists.
+
+    Args:
+        argv: The arguments after ``generate`` (``sys.argv[2:]`` if None).
+        rank: This process's rank (from torchrun's environment).
+        world: Processes in the job.
+
+    Returns:
+        The options.
+
+    Raises:
+        UsageError: An argument is malformed, out of range, contradicts another, names an unwritable output, or
+            (tiny model) the prompt has a word the model does not know; the message is one line.
+    """
+    ns = build_parser(quiet=rank != 0).parse_args(argv)
+    _check_modes(ns)
+    strips = _check_numbers(ns, world)
+    _check_model(ns.model)
+    rule = size_rule(ns.model)
+    problem = rule.problem(ns.height, ns.width, strips) if rule is not None else None
+    if problem:
+        raise UsageError(problem)
+    _check_prompt(ns.model, ns.prompt)
+    out = Path(ns.out)
+    report = Path(ns.report) if ns.report else None
+    _check_writable("--out", out)
+    if report is not None:
+        if report.resolve() == out.resolve():
+            raise UsageError(f"--report {report} is the same file as --out")
+        _check_writable("--report", report)
+    return GenerateOptions(
+        prompt=ns.prompt,
+        model=ns.model,
+        height=ns.height,
+        width=ns.width,
+        steps=ns.steps,
+        guidance=ns.guidance,
+        seed=ns.seed,
+        partial=DEFAULT_PARTIAL if ns.partial is None else ns.partial,
+        warmup_steps=DEFAULT_WARMUP if ns.warmup_steps is None else ns.warmup_steps,
+        conditioning=Conditioning.FULL if ns.full_conditioning else Conditioning.PARTIAL,
+        exact=ns.exact,
+        cfg_split=ns.cfg_split,
+        reference=not ns.no_reference,
+        out=out,
+        report=report,
+        timeout_s=ns.timeout_s,
+        debug=ns.debug,
+        world=world,
+        rank=rank,
+    )
