@@ -11,6 +11,11 @@ from typing import Any
 import pytest
 
 from pcpp import bench
+from pcpp.bench.arguments import ModeKind, ModeSpec, parse_args, parse_mode, parse_resolution
+from pcpp.bench.denoisers import sm_carveout
+from pcpp.bench.floor import floor_schedule, widening_table
+from pcpp.bench.model import build_unet
+from pcpp.bench.profile import kernel_kind
 from pcpp.testing import run_distributed, tiny_unet_config
 
 MODES = ["single", "floor", "exact", "full", "partial:0.3", "partial:0"]
@@ -127,18 +132,18 @@ def test_bench_on_gloo(tmp_path: Path, world: int, mesh: dict[str, int], modes: 
 
 def test_parse_modes_and_resolutions() -> None:
     """Mode and size parsing, with readable errors."""
-    assert bench.parse_mode("partial:0.30").name == "partial:0.3"
-    assert bench.parse_mode("partial") == bench.ModeSpec(name="partial:0.3", kind="pcpp", partial=0.3)
-    assert bench.parse_mode("full").full
-    assert bench.parse_mode("exact").exact
-    assert bench.parse_resolution("1024") == (1024, 1024)
-    assert bench.parse_resolution("768x1024") == (768, 1024)
+    assert parse_mode("partial:0.30").name == "partial:0.3"
+    assert parse_mode("partial") == ModeSpec(name="partial:0.3", kind=ModeKind.PCPP, partial=0.3)
+    assert parse_mode("full").full
+    assert parse_mode("exact").exact
+    assert parse_resolution("1024") == (1024, 1024)
+    assert parse_resolution("768x1024") == (768, 1024)
     for bad in ("partial:2", "fast"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench.parse_mode(bad)
+            parse_mode(bad)
     with pytest.raises(argparse.ArgumentTypeError):
-        bench.parse_resolution("1001")
-    args = bench.parse_args(["--device", "cpu", "--modes", "single", "floor", "full"])
+        parse_resolution("1001")
+    args = parse_args(["--device", "cpu", "--modes", "single", "floor", "full"])
     assert [m.name for m in args.floor_modes] == ["full"]
     assert not args.cuda_graph
     assert args.dtype == "float32"
@@ -146,35 +151,35 @@ def test_parse_modes_and_resolutions() -> None:
 
 def test_sm_carveout_option(capsys: pytest.CaptureFixture[str]) -> None:
     """``--sm-carveout`` is checked before anything runs, and the setting is restored after a pcpp run."""
-    assert bench.parse_args(["--device", "cuda", "--sm-carveout", "8"]).sm_carveout == 8
+    assert parse_args(["--device", "cuda", "--sm-carveout", "8"]).sm_carveout == 8
     for argv, message in (
         (["--device", "cpu", "--sm-carveout", "8"], "use it with --device cuda"),
         (["--device", "cuda", "--sm-carveout", "-1"], "must be >= 0, got -1"),
     ):
         with pytest.raises(SystemExit):
-            bench.parse_args(argv)
+            parse_args(argv)
         assert message in capsys.readouterr().err
     torch = pytest.importorskip("torch")
     before = torch._C._get_sm_carveout_experimental()
-    with bench.sm_carveout(8):
+    with sm_carveout(8):
         assert torch._C._get_sm_carveout_experimental() == 8
     assert torch._C._get_sm_carveout_experimental() == before
-    with pytest.raises(RuntimeError, match="inside"), bench.sm_carveout(4):
+    with pytest.raises(RuntimeError, match="inside"), sm_carveout(4):
         raise RuntimeError("inside")
     assert torch._C._get_sm_carveout_experimental() == before
-    with bench.sm_carveout(None):
+    with sm_carveout(None):
         assert torch._C._get_sm_carveout_experimental() == before
 
 
 def test_floor_widening() -> None:
     """Floor key widths: every other strip, or ceil(p * rows) of each existing neighbour, at every level."""
     rows = (8, 4, 4)
-    assert bench.widening_table(rows, 0, 16, 2, "all") == {8 * 16: 8 * 16, 4 * 8: 4 * 8, 2 * 4: 2 * 4}
-    assert bench.widening_table(rows, 1, 16, 2, "partial:0.3") == {4 * 16: 5 * 16, 2 * 8: 3 * 8, 1 * 4: 2 * 4}
-    assert bench.widening_table(rows, 2, 16, 2, "partial:0") == {4 * 16: 0, 2 * 8: 0, 1 * 4: 0}
-    schedule = bench.floor_schedule(bench.parse_mode("partial:0.3"), steps=6, sync_steps=2)
+    assert widening_table(rows, 0, 16, 2, "all") == {8 * 16: 8 * 16, 4 * 8: 4 * 8, 2 * 4: 2 * 4}
+    assert widening_table(rows, 1, 16, 2, "partial:0.3") == {4 * 16: 5 * 16, 2 * 8: 3 * 8, 1 * 4: 2 * 4}
+    assert widening_table(rows, 2, 16, 2, "partial:0") == {4 * 16: 0, 2 * 8: 0, 1 * 4: 0}
+    schedule = floor_schedule(parse_mode("partial:0.3"), steps=6, sync_steps=2)
     assert schedule == ["all", "all"] + ["partial:0.3"] * 4
-    assert bench.floor_schedule(bench.parse_mode("full"), steps=3, sync_steps=1) == ["all"] * 3
+    assert floor_schedule(parse_mode("full"), steps=3, sync_steps=1) == ["all"] * 3
 
 
 def test_bench_one_rank_with_given_weights(tmp_path: Path) -> None:
@@ -185,7 +190,7 @@ def test_bench_one_rank_with_given_weights(tmp_path: Path) -> None:
     config = {"_class_name": "UNet2DConditionModel", **tiny_unet_config("sdxl")}
     config_path = tmp_path / "tiny-sdxl.json"
     config_path.write_text(json.dumps(config))
-    unet = bench.build_unet(config, 123, torch.device("cpu"), torch.float32, on_device=False)
+    unet = build_unet(config, 123, torch.device("cpu"), torch.float32, on_device=False)
     weights = tmp_path / "weights.pt"
     torch.save(unet.state_dict(), weights)
     out = tmp_path / "report.json"
@@ -234,13 +239,13 @@ def test_bench_profile_writes_tables_and_per_step_summaries(tmp_path: Path) -> N
 
 def test_kernel_kinds() -> None:
     """Kernel names from an H100 profile fall into the kinds the profile summary reports."""
-    assert bench.kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
-    assert bench.kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
-    assert bench.kernel_kind("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "gemm"
-    assert bench.kernel_kind("triton_red_fused_add_bmm_div_native_layer_norm_view_71") == "triton"
-    assert bench.kernel_kind("triton_poi_fused_add_convolution_native_group_norm_3") == "triton"
-    assert bench.kernel_kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
-    assert bench.kernel_kind("void at::native::(anonymous namespace)::scatter_gather_elementwise_kernel") == "other"
-    assert bench.kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
-    assert bench.kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "copy"
-    assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
+    assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert kernel_kind("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kernel_kind("triton_red_fused_add_bmm_div_native_layer_norm_view_71") == "triton"
+    assert kernel_kind("triton_poi_fused_add_convolution_native_group_norm_3") == "triton"
+    assert kernel_kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "gemm"
+    assert kernel_kind("void at::native::(anonymous namespace)::scatter_gather_elementwise_kernel") == "other"
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert kernel_kind("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>") == "copy"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
