@@ -25,14 +25,18 @@ from pathlib import Path
 import torch
 
 import pcpp
-from pcpp import bench
+from pcpp.bench.arguments import DEFAULT_CONFIG, parse_args
+from pcpp.bench.common import denoise, load_unet_config, make_inputs
+from pcpp.bench.denoisers import Denoiser, Denoisers, cfg_step
+from pcpp.bench.layout import init_layout
+from pcpp.bench.model import build_unet, make_scheduler
 
 LOG = logging.getLogger("one_gpu_interleaved")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("benchmarks/configs/sdxl-base-unet.json"))
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--resolution", type=int, default=1024, help="square image size in pixels")
     parser.add_argument("--variants", nargs="+", default=["graph", "compile+graph"], choices=["graph", "compile+graph"])
     parser.add_argument("--pairs", type=int, default=3, help="timed images per UNet and variant")
@@ -41,22 +45,21 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    bargs = bench.parse_args(["--device", "cuda", "--resolutions", str(args.resolution), "--steps", str(args.steps)])
-    layout = bench.init_layout(bargs)  # a one-process NCCL group: what pcpp.convert(comm=None) uses
+    bargs = parse_args(["--device", "cuda", "--resolutions", str(args.resolution), "--steps", str(args.steps)])
+    layout = init_layout(bargs)  # a one-process NCCL group: what pcpp.convert(comm=None) uses
     if layout.world != 1:
         raise SystemExit(f"run this on one process, not {layout.world}")
     device = layout.device
-    config = bench.load_unet_config(args.config)
-    plain = bench.build_unet(config, bargs.seed, device, torch.float16, True)
+    config = load_unet_config(args.config)
+    plain = build_unet(config, bargs.seed, device, torch.float16, True)
     converted = pcpp.convert(copy.deepcopy(plain), detect_new_image=False)
-    inputs = bench.make_inputs(config, args.resolution, args.resolution, bargs.seed, device, torch.float16)
+    denoisers = Denoisers(device)
+    inputs = make_inputs(config, args.resolution, args.resolution, bargs.seed, device, torch.float16)
 
-    def image(den: bench.Denoiser) -> float:
+    def image(den: Denoiser) -> float:
         """One image from a fresh start; its loop time in milliseconds."""
         den.reset()
-        ms, _ = bench.denoise(
-            bench.cfg_step(den, inputs), bench.make_scheduler(), inputs.latents, args.steps, bargs.guidance
-        )
+        ms, _ = denoise(cfg_step(den, inputs), make_scheduler(), inputs.latents, args.steps, bargs.guidance)
         return ms
 
     variants: dict[str, dict[str, object]] = {}
@@ -73,7 +76,7 @@ def main() -> None:
         dens = {}
         for name, unet in (("plain", plain), ("pcpp", converted)):
             # One Dynamo cache for both UNets (reset_dynamo=False after the first): both stay compiled.
-            dens[name], _ = bench.make_denoiser(unet, graph=True, compile_=compile_, reset_dynamo=name == "plain")
+            dens[name], _ = denoisers.make(unet, graph=True, compile_=compile_, reset_dynamo=name == "plain")
         times: dict[str, list[float]] = {"plain": [], "pcpp": []}
         warm: dict[str, float] = {}
         for name, den in dens.items():
@@ -87,7 +90,7 @@ def main() -> None:
             times[name].append(ms)
             LOG.info("%s %s: %.1f ms", variant, name, ms)
         for den in dens.values():
-            bench.release(den, device)
+            denoisers.release(den)
         torch._dynamo.reset()
         med = {k: statistics.median(v) for k, v in times.items()}
         variants[variant] = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pcpp import bench
+from pcpp.bench.arguments import DEFAULT_CONFIG
+from pcpp.bench.common import load_unet_config, make_inputs
+from pcpp.bench.model import build_unet
 
 LOG = logging.getLogger("sdpa_backends")
 BACKENDS = {
@@ -99,7 +102,7 @@ def kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
                             with sdpa_kernel(backend):
                                 out = F.scaled_dot_product_attention(q, k, v)
                                 row[f"{name}_ms"] = time_ms(
-                                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), args.iters
+                                    functools.partial(F.scaled_dot_product_attention, q, k, v), args.iters
                                 )
                         except RuntimeError as err:  # the backend rejects these shapes or strides
                             row[f"{name}_ms"] = None
@@ -132,8 +135,8 @@ def unet_strip(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The plain UNet on a half-height strip, batch 1, under one CUDA graph: PyTorch's own choice of attention
     kernel, then flash and cuDNN forced. Bitwise equal outputs tell which kernel the default chose."""
     dev = torch.device("cuda")
-    cfg = bench.load_unet_config(Path(args.config))
-    unet = bench.build_unet(cfg, 0, dev, torch.float16, True)
+    cfg = load_unet_config(Path(args.config))
+    unet = build_unet(cfg, 0, dev, torch.float16, True)
     choices: dict[str, Callable[[], Any]] = {
         "default": contextlib.nullcontext,
         "flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION),
@@ -141,11 +144,9 @@ def unet_strip(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     rows_out = []
     for res in args.resolutions:
-        inputs = bench.make_inputs(cfg, res // 2, res, 0, dev, torch.float16)
+        inputs = make_inputs(cfg, res // 2, res, 0, dev, torch.float16)
         t = torch.tensor(500.0, device=dev)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": inputs.prompt_embeds[:1]}
-        if inputs.text_embeds is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": inputs.text_embeds[:1], "time_ids": inputs.time_ids[:1]}
+        kwargs = inputs.cond(slice(0, 1))
         row: dict[str, Any] = {"resolution": res, "strip": list(inputs.latents.shape)}
         outs = {}
         for name, choice in choices.items():
@@ -173,7 +174,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[1024, 2048, 3072])
-    parser.add_argument("--config", default="benchmarks/configs/sdxl-base-unet.json")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--unet-iters", type=int, default=10)
     parser.add_argument("--skip-unet", action="store_true")

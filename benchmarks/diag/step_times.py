@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 import pcpp
-from pcpp import bench
+from pcpp.bench.arguments import DEFAULT_CONFIG
+from pcpp.bench.common import denoise, load_unet_config, make_inputs
+from pcpp.bench.denoisers import cfg_step
+from pcpp.bench.model import build_unet, make_scheduler
 from pcpp.comm.local import LocalCommunicator
 from pcpp.cuda_graph import CUDAGraphUNet
 
@@ -33,13 +36,13 @@ LOG = logging.getLogger("step_times")
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     dev = torch.device("cuda")
-    cfg = bench.load_unet_config(Path("benchmarks/configs/sdxl-base-unet.json"))
-    unet = bench.build_unet(cfg, 0, dev, torch.float16, True)
-    inputs = bench.make_inputs(cfg, 1024, 1024, 0, dev, torch.float16)
+    cfg = load_unet_config(DEFAULT_CONFIG)
+    unet = build_unet(cfg, 0, dev, torch.float16, True)
+    inputs = make_inputs(cfg, 1024, 1024, 0, dev, torch.float16)
     out: dict[str, dict[str, list[float]]] = {}
 
     def run(name: str, den: CUDAGraphUNet, images: int = 3) -> None:
-        step = bench.cfg_step(den, inputs)
+        step = cfg_step(den, inputs)
         per_image: list[list[float]] = []
 
         def timed(i: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ def main() -> None:
         for _ in range(images + 1):  # the first image captures the graphs
             den.reset()
             per_image.append([])
-            ms, _ = bench.denoise(timed, bench.make_scheduler(), inputs.latents, 50, 5.0)
+            ms, _ = denoise(timed, make_scheduler(), inputs.latents, 50, 5.0)
             totals.append(ms)
         steps = [statistics.median(x) for x in zip(*per_image[1:], strict=True)]
         out[name] = {"images_ms": totals[1:], "unet_step_ms": steps}

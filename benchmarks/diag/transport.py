@@ -94,10 +94,13 @@ class Step:
         import torch.distributed._symmetric_memory as symm_mem
 
         shape = (2, 2, self.layers, self.numel)  # parity, sender is above (0) or below (1), layer, data
+        world = dist.group.WORLD
+        if world is None:
+            raise RuntimeError("the default process group is not initialised")
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by some torch versions, a no-op in others
-            symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
+            symm_mem.enable_symm_mem_for_group(world.group_name)
         buf = symm_mem.empty(shape, dtype=torch.float16, device=self.send.device)
-        self.symm = (buf, symm_mem.rendezvous(buf, dist.group.WORLD))
+        self.symm = (buf, symm_mem.rendezvous(buf, world))
 
     def copy_engine(self, layer: int) -> None:
         rank = dist.get_rank()
