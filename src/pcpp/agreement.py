@@ -206,8 +206,8 @@ def _fingerprint(arguments: dict[str, Any], config: PCPPConfig, step: int, rank:
             else:
                 host.append(value)
 
+    add(_Field("rank", 1), [rank])  # slot 0: the rank's name in messages, never compared
     add(_Field("pcpp version", 1), [_crc(__version__)])
-    add(_Field("rank", 1), [rank])  # the rank's name in messages, never compared
     add(_Field("step of the image", 1, lambda s: str(s[0])), [step])
     shape = list(sample.shape) + [-1] * (4 - sample.ndim)
     add(_Field("latent shape", 4, lambda s: "x".join(str(d) for d in s if d >= 0)), shape[:4])
@@ -314,7 +314,7 @@ def check_ranks_agree(
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else comms[0].rank
     fields, vector = _fingerprint(arguments, config, step, rank)
     matrix = _gather(vector, comms, f"agreement check of the ranks' inputs ({what})").tolist()
-    ranks = [row[1] for row in matrix]
+    ranks = [row[0] for row in matrix]
     problems = []
     slot = 0
     for field in fields:
