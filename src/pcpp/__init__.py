@@ -12,10 +12,18 @@ import logging
 
 from . import comm, layers
 from ._version import __version__
+from .agreement import check_ranks_agree
 from .api import comm_stats, configure, convert, get_context, is_converted, reset, revert
 from .config import Conditioning, PCPPConfig, Phase
 from .context import PatchContext
-from .errors import ConversionError, PCPPError, PeerTimeoutError, SplitError, UnsupportedModuleError
+from .errors import (
+    ConversionError,
+    PCPPError,
+    PeerTimeoutError,
+    RanksDisagreeError,
+    SplitError,
+    UnsupportedModuleError,
+)
 from .stats import CommStats, LayerKind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -30,9 +38,11 @@ __all__ = [
     "PatchContext",
     "PeerTimeoutError",
     "Phase",
+    "RanksDisagreeError",
     "SplitError",
     "UnsupportedModuleError",
     "__version__",
+    "check_ranks_agree",
     "comm",
     "comm_stats",
     "configure",

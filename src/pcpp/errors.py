@@ -10,6 +10,7 @@ __all__ = [
     "ConversionError",
     "PCPPError",
     "PeerTimeoutError",
+    "RanksDisagreeError",
     "SplitError",
     "UnsupportedModuleError",
 ]
@@ -33,3 +34,7 @@ class SplitError(PCPPError, ValueError):
 
 class PeerTimeoutError(PCPPError, TimeoutError):
     """A peer did not answer within the configured timeout (it crashed, hangs, or made a different call)."""
+
+
+class RanksDisagreeError(PCPPError, ValueError):
+    """The ranks of one image were called with different inputs or settings (seed, prompt, size, steps, config)."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .agreement import CHECKED_STEPS, check_ranks_agree
 from .comm.base import PatchCommunicator
 from .comm.groups import ParallelGroups
 from .context import Geometry, PatchContext
@@ -80,6 +81,8 @@ class UNetHooks:
             _timestep_value(arguments.get("timestep")) if ctx.config.detect_new_image and not is_capturing() else None
         )
         ctx.begin_step(sample.shape[2], sample.shape[3], timestep)
+        if ctx.step in CHECKED_STEPS:  # before the CFG split: the ranks of the CFG group hold the same full batch
+            check_ranks_agree(self.groups, arguments, ctx.config, image=ctx.image, step=ctx.step)
         ctx.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
         geo = ctx.geometry
         assert geo is not None
