@@ -15,7 +15,7 @@ from ._version import __version__
 from .api import comm_stats, configure, convert, get_context, is_converted, reset, revert
 from .config import Conditioning, PCPPConfig, Phase
 from .context import PatchContext
-from .errors import ConversionError, PCPPError, PeerTimeoutError, SplitError, UnsupportedModuleError
+from .errors import ConversionError, PCPPError, PeerFailedError, PeerTimeoutError, SplitError, UnsupportedModuleError
 from .stats import CommStats, LayerKind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -28,6 +28,7 @@ __all__ = [
     "PCPPConfig",
     "PCPPError",
     "PatchContext",
+    "PeerFailedError",
     "PeerTimeoutError",
     "Phase",
     "SplitError",

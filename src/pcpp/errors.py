@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConversionError",
     "PCPPError",
+    "PeerFailedError",
     "PeerTimeoutError",
     "SplitError",
     "UnsupportedModuleError",
@@ -33,3 +34,8 @@ class SplitError(PCPPError, ValueError):
 
 class PeerTimeoutError(PCPPError, TimeoutError):
     """A peer did not answer within the configured timeout (it crashed, hangs, or made a different call)."""
+
+
+class PeerFailedError(PCPPError, ConnectionError):
+    """An exchange with a peer failed before the timeout: the peer died, left the group, or sent data of another
+    size (it made a different sequence of UNet calls)."""
