@@ -59,11 +59,15 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     # Mostly splittable heights (possibly uneven), sometimes one that is not: pcpp must then refuse.
     height = unit * draw(st.integers(patch, 3 * patch)) + (unit > 1 and draw(st.integers(0, 9)) == 0)
     exact = draw(st.booleans())
-    convert: dict[str, Any] = {"exact": True} if exact else {
-        "warmup_steps": draw(st.integers(1, 3)),
-        "partial": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
-        "conditioning": draw(st.sampled_from(list(pcpp.Conditioning))),
-    }
+    convert: dict[str, Any] = (
+        {"exact": True}
+        if exact
+        else {
+            "warmup_steps": draw(st.integers(1, 3)),
+            "partial": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
+            "conditioning": draw(st.sampled_from(list(pcpp.Conditioning))),
+        }
+    )
     return {
         "unet": unet,
         "world": world,
