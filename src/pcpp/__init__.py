@@ -19,6 +19,7 @@ from .context import PatchContext
 from .errors import (
     ConversionError,
     PCPPError,
+    PeerFailedError,
     PeerTimeoutError,
     RanksDisagreeError,
     SplitError,
@@ -36,6 +37,7 @@ __all__ = [
     "PCPPConfig",
     "PCPPError",
     "PatchContext",
+    "PeerFailedError",
     "PeerTimeoutError",
     "Phase",
     "RanksDisagreeError",

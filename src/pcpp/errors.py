@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConversionError",
     "PCPPError",
+    "PeerFailedError",
     "PeerTimeoutError",
     "RanksDisagreeError",
     "SplitError",
@@ -38,3 +39,8 @@ class PeerTimeoutError(PCPPError, TimeoutError):
 
 class RanksDisagreeError(PCPPError, ValueError):
     """The ranks of one image were called with different inputs or settings (seed, prompt, size, steps, config)."""
+
+
+class PeerFailedError(PCPPError, ConnectionError):
+    """An exchange with a peer failed before the timeout: the peer died, left the group, or sent data of another
+    size (it made a different sequence of UNet calls)."""

@@ -11,7 +11,7 @@ import queue
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -64,6 +64,7 @@ def run_distributed(
     timeout: float = 300.0,
     group_timeout: float = 60.0,
     backend: str = "gloo",
+    expect_exit: Collection[int] = (),
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process group.
 
@@ -77,6 +78,9 @@ def run_distributed(
         timeout: seconds to wait for all ranks before giving up.
         group_timeout: the process group's own timeout, in seconds.
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` uses ``cuda:r``).
+        expect_exit: ranks that may die or stop without a result (fault-injection tests): the others' results
+            are awaited alone, these ranks' values are ``None`` unless they reported one, and any of them still
+            running at the end is killed.
 
     Returns:
         ``fn``'s return values, indexed by rank.
@@ -107,8 +111,9 @@ def run_distributed(
         failures: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         dead_since: dict[int, float] = {}
+        needed = set(range(world_size)) - set(expect_exit)
         try:
-            while len(values) + len(failures) < world_size and not failures:
+            while not needed <= values.keys() | failures.keys() and not failures:
                 try:
                     rank, ok, value = results.get(timeout=1.0)
                 except queue.Empty:
@@ -116,11 +121,11 @@ def run_distributed(
                     reported = values.keys() | failures.keys()
                     for rank, proc in enumerate(procs):
                         # A dead process gets a moment for the queue's feeder to deliver a result sent before exit.
-                        dead = rank not in reported and proc.exitcode is not None
+                        dead = rank not in reported and rank in needed and proc.exitcode is not None
                         if dead and now - dead_since.setdefault(rank, now) > 10:
                             failures[rank] = f"process exited with code {proc.exitcode} without a result"
                     if now > deadline:
-                        missing = sorted(set(range(world_size)) - reported)
+                        missing = sorted(needed - reported)
                         raise PeerTimeoutError(
                             f"ranks {missing} of {world_size} did not finish within {timeout:g} s"
                         ) from None
@@ -138,7 +143,7 @@ def run_distributed(
     if failures:
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         raise RuntimeError(f"{len(failures)} rank(s) failed:\n{text}")
-    return [values[r] for r in range(world_size)]
+    return [values.get(r) for r in range(world_size)]
 
 
 def tiny_unet_config(family: str = "tiny", *, width: int = 8) -> dict[str, Any]:

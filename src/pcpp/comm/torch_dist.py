@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import ConversionError, PeerTimeoutError
+from ..errors import ConversionError, PCPPError, PeerFailedError, PeerTimeoutError
 from .base import Handle, Message
 
 __all__ = ["TorchCommunicator"]
@@ -23,12 +25,15 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class _Works:
     """Handle over the ``torch.distributed`` works of one operation."""
 
-    __slots__ = ("_blocking_timeout", "_what", "_works")
+    __slots__ = ("_blocking_timeout", "_peers", "_what", "_works")
 
-    def __init__(self, works: Sequence[dist.Work], what: str, blocking_timeout: timedelta | None) -> None:
+    def __init__(
+        self, works: Sequence[dist.Work], what: str, blocking_timeout: timedelta | None, peers: Sequence[int]
+    ) -> None:
         self._works = works
         self._what = what
         self._blocking_timeout = blocking_timeout
+        self._peers = tuple(peers)
 
     def wait(self) -> None:
         for work in self._works:
@@ -36,16 +41,33 @@ class _Works:
                 # NCCL: enqueue the wait on the current stream (no host block); the group's watchdog bounds it.
                 work.wait()
                 continue
+            started = time.monotonic()
             try:
                 work.wait(self._blocking_timeout)
             except RuntimeError as err:
-                raise PeerTimeoutError(
-                    f"{self._what}: a peer did not answer within {self._blocking_timeout.total_seconds():g} s "
-                    f"({err}). Another rank probably crashed, hangs, or made a different sequence of UNet calls "
-                    "(every rank must call the converted UNet the same number of times with the same shapes). "
-                    "Raise the limit with pcpp.configure(unet, timeout=...) if the peers are just slow."
-                ) from err
+                raise self.failure(err, time.monotonic() - started) from err
         self._works = ()
+
+    def post(self, works: Sequence[dist.Work]) -> None:
+        """Track ``works``, the operations just posted."""
+        self._works = works
+
+    def failure(self, err: RuntimeError, waited: float) -> PCPPError:
+        """The pcpp error for a wait that raised after ``waited`` seconds: a timeout only if the limit passed."""
+        limit = self._blocking_timeout.total_seconds() if self._blocking_timeout is not None else math.inf
+        peers = f"peer rank {self._peers[0]}" if len(self._peers) == 1 else f"one of peer ranks {list(self._peers)}"
+        if waited >= 0.95 * limit:  # gloo's own clock may stop a little before ours
+            return PeerTimeoutError(
+                f"{self._what}: {peers} did not answer within {limit:g} s ({err}). Another rank probably crashed, "
+                "hangs, or made a different sequence of UNet calls (every rank must call the converted UNet the "
+                "same number of times with the same shapes). Raise the limit with pcpp.configure(unet, timeout=...) "
+                "if the peers are just slow."
+            )
+        return PeerFailedError(
+            f"{self._what}: the exchange with {peers} failed after {waited:.1f} s ({err}). That peer probably "
+            "died or left the group, or sent data of another size because it made a different sequence of UNet "
+            "calls; look at its own error first."
+        )
 
 
 class TorchCommunicator:
@@ -117,17 +139,28 @@ class TorchCommunicator:
     def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
         """Post every message as one ``batch_isend_irecv``; see :class:`PatchCommunicator`."""
         if not messages:
-            return _Works((), what, self._blocking_timeout)
+            return _Works((), what, self._blocking_timeout, ())
         ops = [
             dist.P2POp(dist.isend if m.send else dist.irecv, m.tensor, self._global[m.peer], self._group, m.tag)
             for m in messages
         ]
-        return _Works(dist.batch_isend_irecv(ops), what, self._blocking_timeout)
+        handle = _Works((), what, self._blocking_timeout, sorted({m.peer for m in messages}))
+        try:
+            handle.post(dist.batch_isend_irecv(ops))
+        except RuntimeError as err:  # gloo reports a peer gone while posting too
+            raise handle.failure(err, 0.0) from err
+        return handle
 
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
         """Post an all-gather into ``output``; see :class:`PatchCommunicator`."""
-        work = _all_gather_single(output, tensor.contiguous(), group=self._group, async_op=True)
-        return _Works((work,) if work is not None else (), what, self._blocking_timeout)
+        others = [r for r in range(self._world_size) if r != self._rank]
+        handle = _Works((), what, self._blocking_timeout, others)
+        try:
+            work = _all_gather_single(output, tensor.contiguous(), group=self._group, async_op=True)
+        except RuntimeError as err:
+            raise handle.failure(err, 0.0) from err
+        handle.post((work,) if work is not None else ())
+        return handle
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self._rank}, world_size={self._world_size}, ranks={self._global})"
