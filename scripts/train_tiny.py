@@ -308,7 +308,7 @@ def new_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         The trainer.
     """
     torch.manual_seed(args.seed)
-    unet: nn.Module = build_unet(unet_config(sample_size=max(args.sizes))).to(device)  # type: ignore[attr-defined]
+    unet: nn.Module = build_unet(unet_config(sample_size=max(args.sizes))).to(device)
     text_encoder = TinyTextEncoder(TinyTextEncoderConfig()).to(device)
     if args.init_from is not None:
         start = load_tiny(device, directory=args.init_from)

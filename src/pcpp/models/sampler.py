@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
-from tqdm.auto import tqdm  # type: ignore[import-untyped]  # no stubs; pyproject has no override for it
+from tqdm.auto import tqdm
 
 from pcpp.models.tiny import DEFAULT_GUIDANCE, TinyModel
 
