@@ -59,9 +59,11 @@ def trainer(args: argparse.Namespace) -> None:
     from pcpp.lightning import DiffusionModule, GroupLayout, ImageWriter, PromptDataset, collate_records
 
     layout = GroupLayout(patch=args.patch, cfg=args.cfg)
-    sizes = layout.strategy_kwargs(args.devices)
-    if args.tensor_parallel:
-        sizes = {"data_parallel_size": args.devices // args.tensor_parallel, "tensor_parallel_size": args.tensor_parallel}
+    if args.tensor_parallel:  # a strategy that does not match the layout, built by hand
+        tensor_parallel = args.tensor_parallel
+        sizes = {"data_parallel_size": args.devices // tensor_parallel, "tensor_parallel_size": tensor_parallel}
+    else:
+        sizes = layout.strategy_kwargs(args.devices)
     module = DiffusionModule(layout)
     recorder = _Recorder()
     recorder.wrap(module)
@@ -102,7 +104,7 @@ def fabric(args: argparse.Namespace) -> None:
     recorder.wrap(module)
     wrapped = run.setup(module)
     loader = DataLoader(PromptDataset(_records(args.records)), batch_size=args.batch_size, collate_fn=collate_records)
-    predict_to_folder(wrapped, run.setup_dataloaders(loader), args.folder)
+    predict_to_folder(wrapped, run.setup_dataloaders(loader, move_to_device=False), args.folder)
     _log(args, strategy.device_mesh, recorder.made)
 
 

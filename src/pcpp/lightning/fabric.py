@@ -24,7 +24,8 @@ def predict_to_folder(
 
     Args:
         module: ``fabric.setup(DiffusionModule(...))`` under ``ModelParallelStrategy(parallelize_fn=parallelize_fn)``.
-        batches: this rank's batches of records.
+        batches: this rank's batches of records: ``fabric.setup_dataloaders(loader, move_to_device=False)``
+            (Lightning's device transfer refuses the frozen records).
         folder: the output folder.
 
     Returns:
@@ -38,7 +39,8 @@ def predict_to_folder(
         >>> fabric = Fabric(devices=4, strategy=ModelParallelStrategy(parallelize_fn=parallelize_fn,
         ...                 **layout.strategy_kwargs(4)))  # doctest: +SKIP
         >>> module = fabric.setup(DiffusionModule(layout))  # doctest: +SKIP
-        >>> predict_to_folder(module, fabric.setup_dataloaders(loader), "out")  # doctest: +SKIP
+        >>> batches = fabric.setup_dataloaders(loader, move_to_device=False)  # doctest: +SKIP
+        >>> predict_to_folder(module, batches, "out")  # doctest: +SKIP
     """
     inner = getattr(module, "module", module)  # Fabric wraps the module; its attributes live on the original
     if not isinstance(inner, DiffusionModule):
