@@ -163,9 +163,7 @@ class DiffusionModule(LightningModule):
         if skip is None or not records:
             return [True] * len(records)
         mesh = self.mesh
-        flags = torch.tensor(
-            [not skip.is_written(r) for r in records], dtype=torch.uint8, device=_mesh_device(mesh)
-        )
+        flags = torch.tensor([not skip.is_written(r) for r in records], dtype=torch.uint8, device=_mesh_device(mesh))
         if mesh.size(1) > 1:
             dist.broadcast(flags, group=mesh.get_group(TENSOR_PARALLEL), group_src=0)
         return [bool(flag) for flag in flags.tolist()]
