@@ -16,6 +16,7 @@ from .api import comm_stats, configure, convert, get_context, is_converted, rese
 from .config import Conditioning, PCPPConfig, Phase
 from .context import PatchContext
 from .errors import ConversionError, PCPPError, PeerTimeoutError, SplitError, UnsupportedModuleError
+from .pipeline import OutputPlacement, VAEPlacement, parallelize
 from .stats import CommStats, LayerKind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -25,6 +26,7 @@ __all__ = [
     "Conditioning",
     "ConversionError",
     "LayerKind",
+    "OutputPlacement",
     "PCPPConfig",
     "PCPPError",
     "PatchContext",
@@ -32,6 +34,7 @@ __all__ = [
     "Phase",
     "SplitError",
     "UnsupportedModuleError",
+    "VAEPlacement",
     "__version__",
     "comm",
     "comm_stats",
@@ -40,6 +43,7 @@ __all__ = [
     "get_context",
     "is_converted",
     "layers",
+    "parallelize",
     "reset",
     "revert",
 ]
