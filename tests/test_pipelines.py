@@ -156,7 +156,8 @@ def test_a_size_that_cannot_be_split_is_refused_and_the_pipeline_still_works() -
     results = run_distributed(errors_then_recovers, 3, spec, Call(size=8), Call())
     want = reference(Job(spec))
     for result in results:
-        assert result["error"] is not None and result["error"][0] == "SplitError", result["error"]
+        assert result["error"] is not None
+        assert result["error"][0] == "SplitError", result["error"]
         _assert_images_match([result["image"]], want)
 
 
