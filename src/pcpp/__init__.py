@@ -25,6 +25,7 @@ from .errors import (
     SplitError,
     UnsupportedModuleError,
 )
+from .pipeline import OutputPlacement, VAEPlacement, parallelize
 from .stats import CommStats, LayerKind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -34,6 +35,7 @@ __all__ = [
     "Conditioning",
     "ConversionError",
     "LayerKind",
+    "OutputPlacement",
     "PCPPConfig",
     "PCPPError",
     "PatchContext",
@@ -43,6 +45,7 @@ __all__ = [
     "RanksDisagreeError",
     "SplitError",
     "UnsupportedModuleError",
+    "VAEPlacement",
     "__version__",
     "check_ranks_agree",
     "comm",
@@ -52,6 +55,7 @@ __all__ = [
     "get_context",
     "is_converted",
     "layers",
+    "parallelize",
     "reset",
     "revert",
 ]
