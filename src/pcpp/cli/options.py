@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any, NoReturn
 from pcpp import Conditioning
 from pcpp.batch import GroupLayout, PromptFile, PromptRecord, RecordDefaults, read_prompt_file
 
+from .errors import UsageError
+from .paths import check_writable_file, check_writable_folder
 from .sizes import SizeRule, size_rule
 
 __all__ = ["GenerateOptions", "UsageError", "build_parser", "parse_options"]
@@ -22,10 +23,6 @@ DEFAULT_WARMUP = 4
 DEFAULT_PROMPT = "a red circle on a blue background"
 DEFAULT_OUT = "pcpp.png"
 DEFAULT_OUT_DIR = "pcpp-images"
-
-
-class UsageError(Exception):
-    """An argument or input ``pcpp generate`` refuses: reported as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,6 +103,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     add(
         "--out-dir",
         default=None,
+        metavar="DIR",
         help=f"with --prompts: the folder of the images, one PNG per line; images already there are skipped, so a "
         f"rerun resumes (default: {DEFAULT_OUT_DIR})",
     )
@@ -113,6 +111,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         "--group-size",
         type=int,
         default=None,
+        metavar="N",
         help="with --prompts: processes per image; the world is cut into world/N groups that share out the prompts "
         "(round-robin). With --cfg-split, each group is cfg 2 x patch N/2 (default: all processes, one group)",
     )
@@ -180,40 +179,6 @@ class GenerateOptions:
         if self.synchronous_steps == self.steps:
             return f"exact (warmup {self.warmup_steps} covers all {self.steps} steps)"
         return "full conditioning" if self.conditioning is Conditioning.FULL else f"partial {self.partial}"
-
-
-def _check_writable(flag: str, path: Path) -> None:
-    """Refuse an output path that cannot be written, without creating anything (ranks check it at once)."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'pcpp.png'}")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {path} exists and is not writable")
-        return
-    parent = path.parent
-    while not parent.exists():  # the missing folders are created when the file is written
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} cannot be created: folder {parent} is not writable")
-
-
-def _check_writable_folder(flag: str, path: Path) -> None:
-    """Refuse an output folder that cannot be written, without creating anything (ranks check it at once)."""
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{flag} {path} is a file, not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {path} is not writable")
-        return
-    parent = path.parent
-    while not parent.exists():  # the missing folders are created before the first image
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} cannot be created: folder {parent} is not writable")
 
 
 def _check_modes(ns: argparse.Namespace) -> None:
@@ -334,18 +299,18 @@ def _check_outputs(ns: argparse.Namespace) -> tuple[Path | None, Path | None, Pa
         if given:
             raise UsageError(f"{' and '.join(given)} make one image; --prompts makes one per line into --out-dir")
         out_dir = Path(DEFAULT_OUT_DIR if ns.out_dir is None else ns.out_dir)
-        _check_writable_folder("--out-dir", out_dir)
+        check_writable_folder("--out-dir", out_dir)
         if report is not None:
-            _check_writable("--report", report)
+            check_writable_file("--report", report)
         return None, out_dir, report
     if ns.out_dir is not None:
         raise UsageError("--out-dir is the folder of --prompts; for one image, use --out FILE")
     out = Path(DEFAULT_OUT if ns.out is None else ns.out)
-    _check_writable("--out", out)
+    check_writable_file("--out", out)
     if report is not None:
         if report.resolve() == out.resolve():
             raise UsageError(f"--report {report} is the same file as --out")
-        _check_writable("--report", report)
+        check_writable_file("--report", report)
     return out, None, report
 
 
