@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pcpp import __version__, convert, revert
+from pcpp import convert, revert
 
 from .failures import report_failure
+from .job import init_distributed, load_pipeline, position, settings_text
 from .options import GenerateOptions, UsageError, parse_options
 
 __all__ = ["generate_main"]
@@ -46,26 +46,6 @@ class _Runner:
     unet: Any
     run: Callable[[bool], Tensor]
     guidance: float | None
-
-
-def _position() -> tuple[int, int]:
-    """(rank, world) of this process: from the process group if one exists, else from torchrun's environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _init_distributed(options: GenerateOptions) -> tuple[torch.device, bool]:
-    """Join the torchrun job if there is one. Returns (device, whether this call created the process group)."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if options.world == 1 or dist.is_initialized():
-        return device, False
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=options.timeout_s))
-    return device, True
 
 
 def _comm(options: GenerateOptions, device: torch.device) -> Any:
@@ -95,13 +75,7 @@ def _tiny_runner(options: GenerateOptions, device: torch.device) -> _Runner:
 
 
 def _pipeline_runner(options: GenerateOptions, device: torch.device) -> _Runner:
-    from diffusers import DiffusionPipeline
-
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        pipe: Any = DiffusionPipeline.from_pretrained(options.model, torch_dtype=dtype).to(device)
-    except (OSError, ValueError) as exc:  # not found, not a pipeline, not cached without network
-        raise UsageError(f"--model {options.model}: cannot load it as a diffusers pipeline: {exc}") from exc
+    pipe = load_pipeline(options.model, device)
     kwargs: dict[str, Any] = {"height": options.height, "width": options.width, "num_inference_steps": options.steps}
     default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
     guidance = options.guidance if options.guidance is not None else getattr(default, "default", None)
@@ -132,19 +106,10 @@ def png_text(options: GenerateOptions, guidance: float | None) -> dict[str, str]
     return {
         "prompt": options.prompt,
         "seed": str(options.seed),
-        "model": options.model,
         "size": f"{options.width}x{options.height}",
         "steps": str(options.steps),
         "guidance": "model default" if guidance is None else repr(guidance),
-        "mode": options.mode,
-        "partial": repr(options.partial),
-        "warmup_steps": str(options.warmup_steps),
-        "conditioning": options.conditioning.value,
-        "exact": str(options.exact).lower(),
-        "cfg_split": str(options.cfg_split).lower(),
-        "world_size": str(options.world),
-        "pcpp_version": __version__,
-        "Software": f"pcpp {__version__}",
+        **settings_text(options),
     }
 
 
@@ -159,7 +124,7 @@ def _compare(image: Tensor, reference: Tensor) -> dict[str, Any]:
 
 
 def _parallel_image(options: GenerateOptions) -> tuple[Tensor, float, _Runner]:
-    device, own_group = _init_distributed(options)
+    device, own_group = init_distributed(options)
     try:
         logger.info("loading model %s on %s", options.model, device)
         runner = _tiny_runner(options, device) if options.model == "tiny" else _pipeline_runner(options, device)
@@ -188,6 +153,10 @@ def _generate(options: GenerateOptions) -> int:
         format=f"[rank {options.rank}] %(message)s",
         force=True,
     )
+    if options.prompts is not None:
+        from .prompts import run_prompts
+
+        return run_prompts(options)
     if not options.exact and options.synchronous_steps == options.steps:
         logger.info(
             "every step is synchronous: --warmup-steps %d (the default) covers all %d --steps, so the image is "
@@ -255,7 +224,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         2
     """
     args = sys.argv[2:] if argv is None else argv
-    rank, world = _position()
+    rank, world = position()
     try:
         options = parse_options(args, rank=rank, world=world)
     except UsageError as exc:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pcpp import Conditioning
+from pcpp.batch import GroupLayout, PromptFile, PromptRecord, RecordDefaults, read_prompt_file
 
-from .sizes import size_rule
+from .errors import UsageError
+from .paths import check_writable_file, check_writable_folder
+from .sizes import SizeRule, size_rule
 
 __all__ = ["GenerateOptions", "UsageError", "build_parser", "parse_options"]
 
 DEFAULT_PARTIAL = 0.3
 DEFAULT_WARMUP = 4
-
-
-class UsageError(Exception):
-    """An argument or input ``pcpp generate`` refuses: reported as one line, exit status 2."""
+DEFAULT_PROMPT = "a red circle on a blue background"
+DEFAULT_OUT = "pcpp.png"
+DEFAULT_OUT_DIR = "pcpp-images"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,17 +54,25 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         quiet=quiet,
         description="Generate one image with patch parallelism over every process of a torchrun job (one process "
         "without torchrun), save it as PNG (prompt, seed and settings in its text chunks), then compare it with the "
-        "single-device image. Default model: pcpp's own tiny text-to-image model (coloured shapes), shipped with "
-        "the package: no download. Usage errors print one line and exit with status 2.",
+        "single-device image. With --prompts FILE: many images, one per line of FILE, made by data-parallel groups "
+        "of --group-size processes each (one image at a time per group), into --out-dir. Default model: pcpp's own "
+        "tiny text-to-image model (coloured shapes), shipped with the package: no download. Usage errors print one "
+        "line and exit with status 2.",
     )
     add = parser.add_argument
-    add("--prompt", default="a red circle on a blue background", help="what to draw (default: %(default)r)")
+    add("--prompt", default=None, help=f"what to draw (default: {DEFAULT_PROMPT!r}; not with --prompts)")
     add("--model", default="tiny", help="'tiny' or a diffusers pipeline id or folder (default: %(default)s)")
     add("--height", type=int, default=128, help="image height in pixels (default: %(default)s)")
     add("--width", type=int, default=128, help="image width in pixels (default: %(default)s)")
     add("--steps", type=int, default=20, help="denoising steps, at least 1 (default: %(default)s)")
     add("--guidance", type=float, default=None, help="CFG scale (default: the model's; 2.0 for tiny)")
-    add("--seed", type=int, default=0, help="seed of the initial noise, same on every rank (default: %(default)s)")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial noise, same on every rank; with --prompts, the seed of the first prompt line, the "
+        "next lines getting --seed + 1, + 2, ... unless a line gives its own (default: %(default)s)",
+    )
     add(
         "--partial",
         type=float,
@@ -81,8 +90,36 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     add("--exact", action="store_true", help="every step synchronous, reproduces one device (no --partial/--warmup)")
     add("--cfg-split", action="store_true", help="split the CFG batch over 2 groups (an even number of processes)")
     add("--no-reference", action="store_true", help="skip the single-device comparison")
-    add("--out", default="pcpp.png", help="where rank 0 saves the image, PNG (default: %(default)s)")
-    add("--report", default=None, help="rank 0 also writes timings and comparison here as strict JSON")
+    add("--out", default=None, help=f"where rank 0 saves the image, PNG (default: {DEFAULT_OUT}; not with --prompts)")
+    add(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help='make one image per line of FILE: a prompt, or a JSON object with "prompt" and optionally "seed", '
+        '"height", "width", "steps", "guidance", "name" (blank lines and # comments skipped; the '
+        "options above fill what a line leaves out; a malformed line is named and skipped). No single-device "
+        "comparison. (default: none: one image, --prompt)",
+    )
+    add(
+        "--out-dir",
+        default=None,
+        metavar="DIR",
+        help=f"with --prompts: the folder of the images, one PNG per line; images already there are skipped, so a "
+        f"rerun resumes (default: {DEFAULT_OUT_DIR})",
+    )
+    add(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --prompts: processes per image; the world is cut into world/N groups that share out the prompts "
+        "(round-robin). With --cfg-split, each group is cfg 2 x patch N/2 (default: all processes, one group)",
+    )
+    add(
+        "--report",
+        default=None,
+        help="rank 0 also writes timings and comparison (with --prompts: the summary) here as strict JSON",
+    )
     add("--timeout-s", type=float, default=300.0, help="longest wait on a peer, seconds (default: %(default)s)")
     add("--debug", action="store_true", help="print the traceback of an error, not just its one line")
     return parser
@@ -95,6 +132,9 @@ class GenerateOptions:
     Attributes:
         world: Processes in the job.
         rank: This process's rank.
+        prompts: With ``--prompts``: the records read from the file and the lines skipped; None for one image.
+        out_dir: With ``--prompts``: the image folder; None for one image.
+        group_size: Processes per image: the world for one image, ``--group-size`` with ``--prompts``.
     """
 
     prompt: str
@@ -116,6 +156,15 @@ class GenerateOptions:
     debug: bool
     world: int
     rank: int
+    prompts: PromptFile | None = None
+    out_dir: Path | None = None
+    group_size: int = 1
+
+    @property
+    def layout(self) -> GroupLayout:
+        """The processes that make one image together: cfg 2 x patch ``group_size / 2`` with ``--cfg-split``."""
+        cfg = 2 if self.cfg_split else 1
+        return GroupLayout(patch=self.group_size // cfg, cfg=cfg)
 
     @property
     def synchronous_steps(self) -> int:
@@ -130,23 +179,6 @@ class GenerateOptions:
         if self.synchronous_steps == self.steps:
             return f"exact (warmup {self.warmup_steps} covers all {self.steps} steps)"
         return "full conditioning" if self.conditioning is Conditioning.FULL else f"partial {self.partial}"
-
-
-def _check_writable(flag: str, path: Path) -> None:
-    """Refuse an output path that cannot be written, without creating anything (ranks check it at once)."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'pcpp.png'}")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {path} exists and is not writable")
-        return
-    parent = path.parent
-    while not parent.exists():  # the missing folders are created when the file is written
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} cannot be created: folder {parent} is not writable")
 
 
 def _check_modes(ns: argparse.Namespace) -> None:
@@ -173,8 +205,31 @@ def _check_modes(ns: argparse.Namespace) -> None:
             )
 
 
-def _check_numbers(ns: argparse.Namespace, world: int) -> int:
-    """Checks the counts and sizes; returns the number of strips (processes of one patch group)."""
+def _check_group(ns: argparse.Namespace, world: int) -> int:
+    """Checks ``--group-size`` and ``--cfg-split`` against the world; returns the processes per image."""
+    if ns.group_size is not None and ns.prompts is None and ns.group_size != world:
+        raise UsageError(
+            f"--group-size {ns.group_size} applies to --prompts; one image is made by all {world} process(es)"
+        )
+    group = world if ns.group_size is None else ns.group_size
+    if group < 1 or world % group:
+        divisors = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+        raise UsageError(
+            f"--group-size {group} does not divide the {world} process(es) of this run into whole groups; use one "
+            f"of {divisors}"
+        )
+    if ns.cfg_split and group % 2:
+        if ns.group_size is None:
+            raise UsageError(
+                f"--cfg-split needs an even number of processes (2 groups of strips); this run has {world}"
+                + (" (run it under torchrun --nproc-per-node 2 or more)" if world == 1 else "")
+            )
+        raise UsageError(f"--cfg-split needs an even --group-size (cfg 2 x patch N/2); got {group}")
+    return group
+
+
+def _check_numbers(ns: argparse.Namespace) -> None:
+    """Checks the counts and sizes."""
     if ns.steps < 1:
         raise UsageError(f"--steps {ns.steps} must be at least 1")
     if ns.height < 1 or ns.width < 1:
@@ -185,12 +240,6 @@ def _check_numbers(ns: argparse.Namespace, world: int) -> int:
         raise UsageError(f"--guidance {ns.guidance} must be a finite number")
     if not 0 <= ns.seed < 2**63:
         raise UsageError(f"--seed {ns.seed} must be in [0, 2**63)")
-    if ns.cfg_split and (world < 2 or world % 2):
-        raise UsageError(
-            f"--cfg-split needs an even number of processes (2 groups of strips); this run has {world}"
-            + (" (run it under torchrun --nproc-per-node 2 or more)" if world == 1 else "")
-        )
-    return world // 2 if ns.cfg_split else world
 
 
 def _check_model(model: str) -> None:
@@ -200,15 +249,69 @@ def _check_model(model: str) -> None:
         raise UsageError(f"--model {model}: no such folder, and not a hub id either (use 'tiny', a folder or org/name)")
 
 
-def _check_prompt(model: str, prompt: str) -> None:
+def _prompt_problem(model: str, prompt: str) -> str | None:
+    """Why the model cannot draw ``prompt`` (the tiny model knows few words; a pipeline takes any text), or None."""
     if model != "tiny":
-        return  # a pipeline's tokenizer takes any text
+        return None
     from pcpp.models import load_tokenizer
 
     try:
         load_tokenizer().words(prompt)
     except ValueError as exc:
-        raise UsageError(f"--prompt: {exc}") from None
+        return str(exc)
+    return None
+
+
+def _check_prompt(model: str, prompt: str) -> None:
+    problem = _prompt_problem(model, prompt)
+    if problem:
+        raise UsageError(f"--prompt: {problem}")
+
+
+def _read_prompts(ns: argparse.Namespace, rule: SizeRule | None, strips: int) -> PromptFile:
+    """Reads ``--prompts``; a line the model cannot make (size, words) is skipped like a malformed one."""
+    defaults = RecordDefaults(seed=ns.seed, height=ns.height, width=ns.width, steps=ns.steps, guidance=ns.guidance)
+
+    def check(record: PromptRecord) -> str | None:
+        size = rule.problem(record.height, record.width, strips) if rule is not None else None
+        if size:  # the rule names the options; here the values may come from the line
+            return size.replace("--height ", "height ").replace("--width ", "width ")
+        return _prompt_problem(ns.model, record.prompt)
+
+    try:
+        prompts = read_prompt_file(ns.prompts, defaults, check)
+    except ValueError as exc:
+        raise UsageError(f"--prompts: {exc}") from None
+    if not prompts.records:
+        first = prompts.skipped[0]
+        raise UsageError(
+            f"--prompts {ns.prompts}: none of its {len(prompts.skipped)} prompt line(s) can be made; line "
+            f"{first.line}: {first.reason}"
+        )
+    return prompts
+
+
+def _check_outputs(ns: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    """Checks where the run writes; returns (--out, --out-dir, --report), the first None with --prompts."""
+    report = Path(ns.report) if ns.report else None
+    if ns.prompts is not None:
+        given = [f for f, v in (("--prompt", ns.prompt), ("--out", ns.out)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} make one image; --prompts makes one per line into --out-dir")
+        out_dir = Path(DEFAULT_OUT_DIR if ns.out_dir is None else ns.out_dir)
+        check_writable_folder("--out-dir", out_dir)
+        if report is not None:
+            check_writable_file("--report", report)
+        return None, out_dir, report
+    if ns.out_dir is not None:
+        raise UsageError("--out-dir is the folder of --prompts; for one image, use --out FILE")
+    out = Path(DEFAULT_OUT if ns.out is None else ns.out)
+    check_writable_file("--out", out)
+    if report is not None:
+        if report.resolve() == out.resolve():
+            raise UsageError(f"--report {report} is the same file as --out")
+        check_writable_file("--report", report)
+    return out, None, report
 
 
 def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateOptions:
@@ -223,27 +326,27 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
         The options.
 
     Raises:
-        UsageError: An argument is malformed, out of range, contradicts another, names an unwritable output, or
-            (tiny model) the prompt has a word the model does not know; the message is one line.
+        UsageError: An argument is malformed, out of range, contradicts another, names an unwritable output,
+            (tiny model) the prompt has a word the model does not know, ``--group-size`` does not divide the world,
+            or the ``--prompts`` file cannot be read or has no line that can be made (a malformed line alone is
+            skipped and listed in ``prompts.skipped``); the message is one line.
     """
     ns = build_parser(quiet=rank != 0).parse_args(argv)
     _check_modes(ns)
-    strips = _check_numbers(ns, world)
+    _check_numbers(ns)
+    group = _check_group(ns, world)
+    strips = group // 2 if ns.cfg_split else group
     _check_model(ns.model)
     rule = size_rule(ns.model)
-    problem = rule.problem(ns.height, ns.width, strips) if rule is not None else None
-    if problem:
-        raise UsageError(problem)
-    _check_prompt(ns.model, ns.prompt)
-    out = Path(ns.out)
-    report = Path(ns.report) if ns.report else None
-    _check_writable("--out", out)
-    if report is not None:
-        if report.resolve() == out.resolve():
-            raise UsageError(f"--report {report} is the same file as --out")
-        _check_writable("--report", report)
+    if ns.prompts is None:
+        problem = rule.problem(ns.height, ns.width, strips) if rule is not None else None
+        if problem:
+            raise UsageError(problem)
+        _check_prompt(ns.model, DEFAULT_PROMPT if ns.prompt is None else ns.prompt)
+    out, out_dir, report = _check_outputs(ns)
+    prompts = _read_prompts(ns, rule, strips) if ns.prompts is not None else None
     return GenerateOptions(
-        prompt=ns.prompt,
+        prompt=DEFAULT_PROMPT if ns.prompt is None else ns.prompt,
         model=ns.model,
         height=ns.height,
         width=ns.width,
@@ -256,10 +359,13 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
         exact=ns.exact,
         cfg_split=ns.cfg_split,
         reference=not ns.no_reference,
-        out=out,
+        out=Path(DEFAULT_OUT) if out is None else out,
         report=report,
         timeout_s=ns.timeout_s,
         debug=ns.debug,
         world=world,
         rank=rank,
+        prompts=prompts,
+        out_dir=out_dir,
+        group_size=group,
     )

@@ -5,6 +5,9 @@ Install with ``pip install pcpp[lightning]``.
 Lightning's ``ModelParallelStrategy`` (Trainer or Fabric) builds the 2-D mesh ``("data_parallel",
 "tensor_parallel")``; :class:`DiffusionModule` converts the model on each ``tensor_parallel`` row (one image group,
 see :class:`GroupLayout`) and :class:`ImageWriter` saves each image once. See ``docs/lightning.md``.
+
+Records, backends, the image folder and the group layout live in :mod:`pcpp.batch` (no Lightning needed; ``pcpp
+generate --prompts`` uses them too) and are re-exported here.
 """
 
 try:
@@ -12,21 +15,29 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("pcpp.lightning needs Lightning: pip install 'pcpp[lightning]'") from exc
 
-from .backends import (
+from ..batch import (
     BackendFactory,
     DiffusionBackend,
+    GroupLayout,
+    ImageFolder,
+    OutputError,
     PipelineBackend,
+    PromptDataset,
+    PromptRecord,
     TinyBackend,
+    check_writable_everywhere,
+    collate_records,
+    group_rank,
     parallelize_pipeline,
+    patch_mesh,
     pipeline_backend,
+    quantize,
+    read_metadata,
     tiny_backend,
 )
 from .fabric import predict_to_folder
-from .images import ImageFolder, OutputError, quantize, read_metadata
-from .layout import GroupLayout, group_rank, patch_mesh
 from .module import DiffusionModule, GeneratedImage, parallelize_fn
-from .records import PromptDataset, PromptRecord, collate_records
-from .writer import ImageWriter, check_writable_everywhere, save_images
+from .writer import ImageWriter, save_images
 
 __all__ = [
     "BackendFactory",

@@ -6,10 +6,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .images import ImageFolder
+from ..batch import ImageFolder, PromptRecord, check_writable_everywhere
 from .module import DiffusionModule, _mesh_device
-from .records import PromptRecord
-from .writer import check_writable_everywhere, save_images
+from .writer import save_images
 
 __all__ = ["predict_to_folder"]
 

@@ -6,17 +6,24 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import PCPPConfig
-from ..errors import ConversionError
-from .backends import BackendFactory, DiffusionBackend, tiny_backend
-from .images import ImageFolder
-from .layout import TENSOR_PARALLEL, GroupLayout, group_rank, patch_mesh
-from .records import PromptRecord
+from pcpp import ConversionError, PCPPConfig
+
+from ..batch import (
+    TENSOR_PARALLEL,
+    BackendFactory,
+    DiffusionBackend,
+    GroupLayout,
+    ImageFolder,
+    PromptRecord,
+    agree_written,
+    group_rank,
+    patch_mesh,
+    tiny_backend,
+)
 
 __all__ = ["DiffusionModule", "GeneratedImage", "parallelize_fn"]
 
@@ -160,13 +167,14 @@ class DiffusionModule(LightningModule):
     def _pending(self, records: list[PromptRecord], skip: ImageFolder | None) -> list[bool]:
         """Which records to make. Rank 0 of the image group (the one that saves) decides for the whole group, so
         the group agrees even where its ranks do not share a file system."""
-        if skip is None or not records:
+        if skip is None:
             return [True] * len(records)
         mesh = self.mesh
-        flags = torch.tensor([not skip.is_written(r) for r in records], dtype=torch.uint8, device=_mesh_device(mesh))
-        if mesh.size(1) > 1:
-            dist.broadcast(flags, group=mesh.get_group(TENSOR_PARALLEL), group_src=0)
-        return [bool(flag) for flag in flags.tolist()]
+        group = mesh.get_group(TENSOR_PARALLEL) if mesh.size(1) > 1 else None
+        if group is None:  # one rank per image: nothing to agree on (and no collective over the world)
+            return [not skip.is_written(r) for r in records]
+        written = agree_written(skip, records, self.writes, _mesh_device(mesh), group=group)
+        return [not flag for flag in written]
 
     def forward(self, records: list[PromptRecord], skip: ImageFolder | None = None) -> list[GeneratedImage]:
         """Make one image per record, one after the other, leaving out those already in ``skip``.

@@ -7,44 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .images import ImageFolder, OutputError
+from ..batch import ImageFolder, check_writable_everywhere
 from .module import DiffusionModule, GeneratedImage
 
-__all__ = ["ImageWriter", "check_writable_everywhere", "save_images"]
+__all__ = ["ImageWriter", "save_images"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_writable_everywhere(folder: ImageFolder, writes: bool, device: torch.device) -> None:
-    """Every saving rank checks ``folder``; if one cannot write, every rank raises (none is left waiting).
-
-    A collective over the default group: every rank must call it.
-
-    Args:
-        folder: the output folder.
-        writes: whether this rank saves images.
-        device: a device the default group's backend can reduce on (CPU for gloo, this rank's GPU for NCCL).
-
-    Raises:
-        OutputError: this rank, or another saving rank, cannot write the folder.
-    """
-    error: OutputError | None = None
-    if writes:
-        try:
-            folder.check_writable()
-        except OutputError as exc:
-            error = exc
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        ok = torch.tensor([0 if error else 1], device=device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if error is None and not ok.item():
-            raise OutputError(f"another rank cannot write images to {str(folder.path)!r} (see its error)")
-    if error is not None:
-        raise error
 
 
 def save_images(results: Sequence[GeneratedImage], folder: ImageFolder) -> list[Path]:

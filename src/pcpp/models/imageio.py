@@ -12,11 +12,32 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-__all__ = ["encode_png", "image_grid", "read_png_text", "save_png", "to_pil"]
+__all__ = ["encode_png", "image_grid", "quantize", "read_png_text", "save_png", "to_pil"]
+
+
+def quantize(image: Tensor) -> Tensor:
+    """An image in [0, 1] as the 8-bit pixels every PNG pcpp writes holds: ``round(clamp(x, 0, 1) * 255)``.
+
+    Args:
+        image: ``(3, H, W)`` float tensor (values outside [0, 1] are clamped).
+
+    Returns:
+        ``(H, W, 3)`` uint8 tensor on the CPU.
+
+    Raises:
+        ValueError: If ``image`` is not ``(3, H, W)``.
+
+    Example:
+        >>> quantize(torch.full((3, 1, 1), 0.5)).flatten().tolist()
+        [128, 128, 128]
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
+    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """Converts one RGB image tensor to an 8-bit Pillow image.
+    """Converts one RGB image tensor to an 8-bit Pillow image (pixels from :func:`quantize`).
 
     Args:
         image: ``(3, H, W)`` float tensor in [0, 1] (values outside are clamped).
@@ -27,10 +48,7 @@ def to_pil(image: Tensor) -> Image.Image:
     Raises:
         ValueError: If ``image`` is not ``(3, H, W)``.
     """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
-    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-    return Image.fromarray(pixels.contiguous().numpy())  # (H, W, 3) uint8: RGB
+    return Image.fromarray(quantize(image).numpy())  # (H, W, 3) uint8: RGB
 
 
 def _png_info(text: Mapping[str, str] | None) -> PngInfo | None:

@@ -1,7 +1,8 @@
-"""The models a :class:`~pcpp.lightning.DiffusionModule` can run: pcpp's tiny model or any diffusers pipeline.
+"""The models that make one image per record: pcpp's tiny model or any diffusers pipeline.
 
-A backend is built on each rank by a *factory* ``(device) -> backend`` inside ``configure_model`` (so the weights
-are loaded after Lightning has set the device up), converted once with pcpp, then asked for one image per record.
+Used by :class:`~pcpp.lightning.DiffusionModule` and by ``pcpp generate --prompts``. A backend is built on each rank
+by a *factory* ``(device) -> backend`` (under Lightning inside ``configure_model``, so the weights are loaded after
+Lightning has set the device up), converted once with pcpp, then asked for one image per record.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..api import convert, reset
-from ..config import PCPPConfig
+from pcpp import PCPPConfig, convert, reset
+
 from .records import PromptRecord
 
 __all__ = ["BackendFactory", "DiffusionBackend", "PipelineBackend", "TinyBackend", "pipeline_backend", "tiny_backend"]
 
 
 class DiffusionBackend(Protocol):
-    """What :class:`~pcpp.lightning.DiffusionModule` needs from a model."""
+    """What :class:`~pcpp.lightning.DiffusionModule` and ``pcpp generate --prompts`` need from a model."""
 
     def parallelize(self, comm: Any, config: PCPPConfig) -> None:
         """Convert the model's UNet for patch parallelism over ``comm`` (a ``DeviceMesh``) with ``config``."""
@@ -141,7 +142,7 @@ def pipeline_backend(factory: Callable[[torch.device], Any]) -> BackendFactory:
             ``lambda device: StableDiffusionPipeline.from_pretrained(ID, torch_dtype=torch.float16).to(device)``.
 
     Returns:
-        The factory for :class:`~pcpp.lightning.DiffusionModule`; it also turns the pipeline's progress bar off.
+        The factory (for :class:`~pcpp.lightning.DiffusionModule`); it also turns the pipeline's progress bar off.
     """
 
     def build(device: torch.device) -> PipelineBackend:

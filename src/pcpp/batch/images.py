@@ -10,34 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..errors import PCPPError
+from ..models.imageio import encode_png, quantize, read_png_text
 from .records import PromptRecord
 
 __all__ = ["ImageFolder", "OutputError", "quantize", "read_metadata"]
 
+# A file being written is named ".<final name>.<random>.tmp" until it is renamed into place.
+_PARTIAL_GLOB = ".*.png.*.tmp"
+
 
 class OutputError(PCPPError, OSError):
     """The output folder cannot be written; raised before any image is made."""
-
-
-def quantize(image: Tensor) -> Tensor:
-    """An image in [0, 1] as 8-bit pixels, rounded the way ``pcpp generate`` saves its PNG.
-
-    Args:
-        image: ``(3, H, W)`` float tensor (values outside [0, 1] are clamped).
-
-    Returns:
-        ``(H, W, 3)`` uint8 tensor on the CPU.
-
-    Raises:
-        ValueError: ``image`` is not ``(3, H, W)``.
-    """
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
-    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
 @dataclass(frozen=True)
@@ -71,7 +57,10 @@ class ImageFolder:
         return self.file_of(record).is_file()
 
     def check_writable(self) -> None:
-        """Create the folder and prove a file can be written and renamed in it.
+        """Create the folder, prove a file can be written and renamed in it, and remove half-written files.
+
+        A run killed while writing an image leaves its temporary file (never a PNG under the final name); they are
+        removed here, which every run does before it makes any image.
 
         Raises:
             OutputError: it cannot (a file in the way, no permission, read-only file system).
@@ -82,6 +71,8 @@ class ImageFolder:
             probe.write_bytes(b"")
             os.replace(probe, probe.with_suffix(".done"))
             probe.with_suffix(".done").unlink()
+            for partial in self.path.glob(_PARTIAL_GLOB):
+                partial.unlink(missing_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot write images to {str(self.path)!r}: {exc.strerror or exc}") from exc
 
@@ -89,7 +80,8 @@ class ImageFolder:
         """Save ``image`` as ``record``'s PNG, with the record's fields as text chunks.
 
         The chunks are ``prompt``, ``seed``, ``height``, ``width``, ``steps``, ``guidance`` (empty for the model's
-        default), ``pcpp`` (the whole record as JSON) and :attr:`extra_metadata`.
+        default), ``pcpp`` (the whole record as JSON) and :attr:`extra_metadata` (keys the record has are kept
+        from the record).
 
         Args:
             record: what the image is of.
@@ -102,21 +94,16 @@ class ImageFolder:
             OutputError: the file cannot be written.
             ValueError: ``image`` is not ``(3, H, W)``.
         """
-        from PIL import Image
-        from PIL.PngImagePlugin import PngInfo
-
-        pixels = quantize(image).numpy()
-        info = PngInfo()
-        for key, value in record.metadata().items():
-            info.add_text(key, "" if value is None else str(value))
-        info.add_text("pcpp", json.dumps(record.metadata(), sort_keys=True))
+        text = {key: "" if value is None else str(value) for key, value in record.metadata().items()}
+        text["pcpp"] = json.dumps(record.metadata(), sort_keys=True)
         for key, value in self.extra_metadata.items():
-            info.add_text(key, value)
+            text.setdefault(key, value)  # the record's own fields always describe the image
+        data = encode_png(image, text)  # pcpp's one PNG writer: the pixels of quantize(image)
         target = self.file_of(record)
         partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
-            Image.fromarray(pixels).save(partial, format="PNG", pnginfo=info)
-            os.replace(partial, target)
+            partial.write_bytes(data)
+            os.replace(partial, target)  # atomic: the final name only ever holds a whole PNG
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
@@ -129,8 +116,4 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     Raises:
         KeyError: the PNG has no ``pcpp`` chunk.
     """
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text: dict[str, str] = dict(getattr(image, "text", {}))
-    return dict(json.loads(text["pcpp"]))
+    return dict(json.loads(read_png_text(path)["pcpp"]))
