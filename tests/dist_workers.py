@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor
 
@@ -170,28 +169,6 @@ def one_rank_skips(rank: int, world: int, case: Case) -> str:
     return "no error"
 
 
-def bad_mesh(rank: int, world: int) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    unet = build_unet(Case())
-    before = [id(m) for m in unet.modules()]
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cfg",))
-    mesh2 = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("a", "b"))
-    messages = []
-    for bad in (mesh2,):
-        try:
-            pcpp.convert(unet, comm=bad)
-        except pcpp.ConversionError as err:
-            messages.append(str(err))
-    try:
-        pcpp.convert(unet, comm=init_device_mesh("cpu", (world, 1), mesh_dim_names=("cfg", "patch")))
-    except pcpp.ConversionError as err:
-        messages.append(str(err))
-    del mesh
-    unchanged = before == [id(m) for m in unet.modules()] and not pcpp.is_converted(unet)
-    return "\n".join(messages) + f"\nunchanged={unchanged}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layer-level workers: the parallel layers on their own, against full-image references computed on every rank.
 
@@ -272,10 +249,6 @@ def groupnorm_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
     geo = ctx.geometry
     assert geo is not None
     return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": norm.weight, "bias": norm.bias}
-
-
-def world_rank(rank: int, world: int) -> int:
-    return dist.get_rank()
 
 
 def two_modes(rank: int, world: int, first: Case, second: Case) -> dict[str, Any]:
@@ -364,11 +337,7 @@ def attention_buffers(rank: int, world: int, case: Case) -> list[dict[str, tuple
     unet = build_unet(case)
     pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
     ddim_loop(unet, case)
-    return [
-        {name: tuple(t.shape) for name, t in m._state._tensors.items()}
-        for m in unet.modules()
-        if isinstance(m, pcpp.layers.PartialPatchAttention)
-    ]
+    return [m.port.buffer_shapes() for m in unet.modules() if isinstance(m, pcpp.layers.PartialPatchAttention)]
 
 
 def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .comm.groups import CommLike, ParallelGroups, resolve_groups
-from .comm.torch_dist import TorchCommunicator
 from .config import Conditioning, PCPPConfig
 from .context import PatchContext
 from .errors import ConversionError
@@ -122,7 +121,8 @@ def convert(
             "or pcpp.revert(unet) first to convert it again with another communicator."
         )
     plan = plan_conversion(unet)
-    groups = resolve_groups(comm, config.timeout)
+    groups = resolve_groups(comm)
+    groups.apply_timeout(config.timeout)
     levels = unet_levels(unet)
     context = PatchContext(config, groups.patch, unit=2**levels, levels=levels)
     originals: list[tuple[str, nn.Module]] = []
@@ -171,7 +171,7 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def get_context(unet: nn.Module) -> PatchContext:
-    """The shared step state of a converted UNet: ``config``, ``image``, ``step``, ``phase``, ``stats``.
+    """The shared context of a converted UNet: ``config``, ``image``, ``step``, ``phase``, ``geometry``, ``stats``.
 
     Raises:
         ConversionError: ``unet`` is not converted.
@@ -223,11 +223,8 @@ def configure(unet: nn.Module, **changes: Any) -> PCPPConfig:
     if unknown:
         raise ConversionError(f"pcpp.configure: unknown setting(s) {unknown}; known: {sorted(known)}.")
     config = dataclasses.replace(conversion.context.config, **changes)
-    conversion.context.drain()
-    conversion.context.config = config
-    for comm in (conversion.groups.patch, conversion.groups.cfg):
-        if isinstance(comm, TorchCommunicator):
-            comm.with_timeout(config.timeout)
+    conversion.context.reconfigure(config)
+    conversion.groups.apply_timeout(config.timeout)
     return config
 
 
