@@ -11,6 +11,8 @@ from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor
 
 import pcpp
+from pcpp.exchange import Transfer
+from pcpp.layers._common import PatchLayer
 from pcpp.testing import tiny_unet_config
 
 
@@ -249,6 +251,47 @@ def groupnorm_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
     geo = ctx.geometry
     assert geo is not None
     return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": norm.weight, "bias": norm.bias}
+
+
+class ShiftDown(PatchLayer, torch.nn.Module):
+    """The smallest complete parallel layer (docs/design.md): ``y[:, :, i] = x[:, :, i - 1]``, zeros at the top.
+
+    Each strip needs the last row of the strip above: it states that it sends its own last row down and reads
+    the row from above into a buffer, and the exchange protocol does the rest (this step's row in synchronous
+    steps, the previous step's after warmup).
+    """
+
+    def __init__(self, context: pcpp.PatchContext, name: str = "shift") -> None:
+        super().__init__()
+        self.attach(context, name, pcpp.LayerKind.CONV)
+
+    def forward(self, x: Tensor) -> Tensor:
+        port = self.port
+        top = port.buffer("above", (x.shape[0], x.shape[1], 1, x.shape[3]), x, zeros=True)  # zeros on rank 0
+        send = x[:, :, -1:] if port.rank + 1 < port.world_size else None
+        recv = top if port.rank > 0 else None
+        return port.run(
+            lambda: Transfer("last row", port.neighbours(send_down=send, recv_up=recv)),
+            # Read inside ``read``: after it returns, an asynchronous step's receive may overwrite ``top``.
+            lambda: torch.cat([top, x[:, :, :-1]], dim=2),
+        )
+
+
+def shift_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
+    """:class:`ShiftDown` over steps a (sync), b, c (async)."""
+    ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 3)
+    layer = ShiftDown(ctx)
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(1, 2, height, 3, generator=gen) for _ in range(3)]
+    outs = []
+    for x in frames:
+        ctx.begin_step(height, 3, None)
+        outs.append(layer(_own(x, ctx)))
+        ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    sent = [s.by_kind[pcpp.LayerKind.CONV].sent for s in ctx.stats.steps]
+    return {"outs": outs, "frames": frames, "rows": geo.rows, "sent": sent}
 
 
 def two_modes(rank: int, world: int, first: Case, second: Case) -> dict[str, Any]:
