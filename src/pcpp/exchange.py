@@ -13,18 +13,8 @@ layer:
 :class:`ExchangeService` is what the ports of one converted UNet share: the patch communicator, the outbox of
 deferred messages, a scratch buffer, the order token of the compiled operators and the traffic statistics.
 
-Example: a toy parallel layer that adds the sum of the strip above (the previous step's after warmup):
-
-    >>> import torch, pcpp
-    >>> ctx = pcpp.PatchContext(pcpp.PCPPConfig(), pcpp.comm.LocalCommunicator(), unit=1, levels=0)
-    >>> port = ctx.exchange.port("toy", pcpp.LayerKind.CONV)
-    >>> ctx.begin_step(4, 4, None)
-    >>> x = torch.ones(1, 4, 4)
-    >>> total = port.buffer("total", (1,), x)
-    >>> mine = x.sum().reshape(1)
-    >>> port.run(lambda: Transfer("strip sum", port.neighbours(send_down=None, recv_up=None)),
-    ...          lambda: total.fill_(0) + mine)
-    tensor([16.])
+docs/design.md shows how a new parallel layer is written on it (the smallest complete example is
+``ShiftDown`` in tests/dist_workers.py).
 """
 
 from __future__ import annotations
