@@ -158,11 +158,11 @@ class ExchangeService:
         """
         comm = self.comm if comm is None else comm
         if transfer.gather is not None:
+            if defer:
+                raise PCPPError(f"{what}: an all-gather cannot join a batch of point-to-point messages.")
             output, tensor = transfer.gather
             nbytes = tensor.numel() * tensor.element_size() * (comm.world_size - 1)
             self.stats.record(kind, sent=nbytes, received=nbytes)
-            if defer:
-                raise PCPPError(f"{what}: an all-gather cannot join a batch of point-to-point messages.")
             return comm.all_gather(output, tensor, what=what)
         sent = sum(m.tensor.numel() * m.tensor.element_size() for m in transfer.messages if m.send)
         received = sum(m.tensor.numel() * m.tensor.element_size() for m in transfer.messages if not m.send)
