@@ -4,7 +4,9 @@ The tiny SDXL-layout UNet (``pcpp.testing.tiny_unet_config("sdxl")``: 3 levels, 
 so little arithmetic that a step's time is mostly pcpp's and diffusers' host bookkeeping, so this is how a change
 of pcpp's core shows whether the per-step bookkeeping grew. Each rank runs a few images of ``--sync`` synchronous
 then ``--async`` asynchronous steps; every call is timed between two barriers (so a rank does not time its peer's
-lateness). Prints the median and quartiles per phase of each rank, as JSON.
+lateness). Prints the median and quartiles per phase of each rank, as JSON, and the number of Python function
+calls of one step per phase (``calls``, from ``cProfile``: unlike times, it does not depend on the machine's
+load).
 
 Compare two versions of the code by running them interleaved, e.g.::
 
@@ -15,7 +17,9 @@ Compare two versions of the code by running them interleaved, e.g.::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from typing import Any
@@ -40,7 +44,7 @@ def worker(rank: int, world: int, images: int, n_sync: int, n_async: int) -> dic
         "encoder_hidden_states": torch.randn(2, 5, 16, generator=gen),
         "added_cond_kwargs": {"text_embeds": torch.randn(2, 8, generator=gen), "time_ids": torch.randn(2, 6)},
     }
-    times: dict[str, list[float]] = {"sync": [], "async": []}
+    times: dict[str, list[float]] = {"sync": [], "async": [], "sync_calls": [], "async_calls": []}
     with torch.no_grad():
         for image in range(images):
             pcpp.reset(unet)
@@ -51,6 +55,15 @@ def worker(rank: int, world: int, images: int, n_sync: int, n_async: int) -> dic
                 elapsed = time.perf_counter() - start
                 if image:  # the first image warms up allocations and caches
                     times["sync" if step < n_sync else "async"].append(elapsed)
+        pcpp.reset(unet)
+        for step in range(n_sync + 1):
+            profile = cProfile.Profile()
+            profile.enable()
+            unet(x, 999 - step, **kwargs)
+            profile.disable()
+            if step in (n_sync - 1, n_sync):
+                calls = pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
+                times["sync_calls" if step < n_sync else "async_calls"].append(float(calls))
     return times
 
 
@@ -67,6 +80,9 @@ def main() -> None:
     report: dict[str, Any] = {"pcpp": pcpp.__file__}
     for rank, times in enumerate(results):
         for phase, values in times.items():
+            if phase.endswith("calls"):
+                report[f"rank{rank}_{phase}"] = int(values[0])
+                continue
             q1, median, q3 = statistics.quantiles(values, n=4)
             report[f"rank{rank}_{phase}_ms"] = {
                 "median": round(median * 1e3, 3),

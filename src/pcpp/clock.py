@@ -39,40 +39,34 @@ class StepClock:
     """
 
     def __init__(self, config: PCPPConfig, *, world: int, unit: int, levels: int) -> None:
-        self._config = config
+        # Read on every layer call, so plain attributes (no property call); only the clock's methods change them.
+        self.config = config
+        """The current settings (change them with :meth:`reconfigure`)."""
+        self.geometry: Geometry | None = None
+        """How the current latent is cut into strips, or ``None`` before the first step."""
+        self.now: tuple[int, int] = (-1, 0)
+        """``(image, step)`` of the current step (image ``-1`` before the first call)."""
+        self.phase: Phase = config.phase_of(0)
+        """The phase of the current step."""
         self._world = world
         self.unit = unit
         self.levels = levels
-        self._image = -1
-        self._step = 0
-        self._geometry: Geometry | None = None
         self._last_timestep: float | None = None
         self._new_image_due = True
 
     @property
-    def config(self) -> PCPPConfig:
-        """The current settings."""
-        return self._config
-
-    @property
     def image(self) -> int:
         """Index of the current image since conversion (``-1`` before the first call)."""
-        return self._image
+        return self.now[0]
 
     @property
     def step(self) -> int:
         """Index of the current step within its image."""
-        return self._step
+        return self.now[1]
 
-    @property
-    def phase(self) -> Phase:
-        """The phase of the current step."""
-        return self._config.phase_of(self._step)
-
-    @property
-    def geometry(self) -> Geometry | None:
-        """How the current latent is cut into strips, or ``None`` before the first step."""
-        return self._geometry
+    def _set(self, image: int, step: int) -> None:
+        self.now = (image, step)
+        self.phase = self.config.phase_of(step)
 
     @property
     def new_image_due(self) -> bool:
@@ -89,16 +83,17 @@ class StepClock:
         Raises:
             PCPPError: no step was begun yet (a layer was called outside its converted UNet).
         """
-        if self._geometry is None:
+        if self.geometry is None:
             raise PCPPError(
                 f"{what} ran before its context knew the latent's size: call it inside the converted UNet, or call "
                 "context.begin_step(height, width, timestep) first when using the layer on its own."
             )
-        return self._geometry
+        return self.geometry
 
     def reconfigure(self, config: PCPPConfig) -> None:
         """Use ``config`` from the next step on, which starts a new image."""
-        self._config = config
+        self.config = config
+        self._set(*self.now)
         self._new_image_due = True
 
     def request_new_image(self) -> None:
@@ -111,14 +106,14 @@ class StepClock:
         Raises:
             SplitError: the height cannot be split into one strip per rank.
         """
-        geo = self._geometry
+        geo = self.geometry
         if geo is not None and geo.height == height and geo.width == width:
             return geo
         rows = partition_rows(height, self._world, self.unit)
-        self._geometry = Geometry(height=height, width=width, rows=rows, levels=self.levels)
+        geo = self.geometry = Geometry(height=height, width=width, rows=rows, levels=self.levels)
         self._new_image_due = True
         logger.debug("pcpp: latent %dx%d split into strips of %s rows", height, width, rows)
-        return self._geometry
+        return geo
 
     def prepare(self, height: int, width: int, timestep: float | None) -> bool:
         """Read the size and timestep of the coming step; whether it starts a new image.
@@ -138,14 +133,13 @@ class StepClock:
 
     def start_image(self) -> None:
         """Count a new image and go to its step 0."""
-        self._image += 1
-        self._step = 0
+        self._set(self.now[0] + 1, 0)
         self._new_image_due = False
-        logger.debug("pcpp: image %d starts", self._image)
+        logger.debug("pcpp: image %d starts", self.now[0])
 
     def advance(self) -> None:
         """Close the current step: the next one is the following step of the same image."""
-        self._step += 1
+        self._set(self.now[0], self.now[1] + 1)
 
     def repeat_step(self) -> None:
         """Step back by one, so that the next step repeats the one that just ended (same image, step and phase).
@@ -156,9 +150,9 @@ class StepClock:
         Raises:
             PCPPError: no step of the current image has ended yet.
         """
-        if self._step == 0:
+        if self.now[1] == 0:
             raise PCPPError("repeat_step: no step of the current image has ended yet, so there is none to repeat.")
-        self._step -= 1
+        self._set(self.now[0], self.now[1] - 1)
 
     def upcoming_phase(self, height: int, width: int, timestep: float | None) -> Phase:
         """The phase that a step with these arguments would have, without changing any state.
@@ -171,18 +165,18 @@ class StepClock:
         Returns:
             The phase of the coming step (a new image, size or timestep rise means step 0).
         """
-        geo = self._geometry
+        geo = self.geometry
         new_image = (
             self._new_image_due
             or geo is None
             or (geo.height, geo.width) != (height, width)
             or self._timestep_went_up(timestep)
         )
-        return self._config.phase_of(0 if new_image else self._step)
+        return self.config.phase_of(0 if new_image else self.now[1])
 
     def _timestep_went_up(self, timestep: float | None) -> bool:
         return (
-            self._config.detect_new_image
+            self.config.detect_new_image
             and timestep is not None
             and self._last_timestep is not None
             and timestep > self._last_timestep

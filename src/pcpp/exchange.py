@@ -23,8 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,8 +48,7 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-@dataclass(frozen=True, eq=False)
-class Transfer:
+class Transfer(NamedTuple):
     """What one layer sends and receives in one step: point-to-point messages, or one all-gather.
 
     Attributes:
@@ -229,22 +227,17 @@ class ExchangePort:
         self.name = name
         self.kind = kind
         self.tag = tag
+        # Read on every call, so plain attributes: a communicator's rank and size never change.
+        self.rank: int = service.comm.rank
+        """This rank's strip index (0 at the top)."""
+        self.world_size: int = service.comm.world_size
+        """Number of strips."""
         self._buffers: dict[str, Tensor] = {}
         self._pending: Handle | None = None
         self._stamp: tuple[int, int] | None = None
         self._owned_sends = False
 
     # What a layer reads. ------------------------------------------------------------------------------------
-
-    @property
-    def rank(self) -> int:
-        """This rank's strip index (0 at the top)."""
-        return self._service.comm.rank
-
-    @property
-    def world_size(self) -> int:
-        """Number of strips."""
-        return self._service.comm.world_size
 
     @property
     def config(self) -> PCPPConfig:
@@ -262,7 +255,8 @@ class ExchangePort:
         Raises:
             PCPPError: no step is open (the layer was called outside its converted UNet).
         """
-        return self._clock.require_geometry(self.name)
+        geo = self._clock.geometry
+        return self._clock.require_geometry(self.name) if geo is None else geo
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor, *, zeros: bool = False) -> Tensor:
         """The layer's persistent buffer ``name`` of ``shape`` with ``like``'s dtype and device (zero-filled when
@@ -366,20 +360,20 @@ class ExchangePort:
         """
         self.wait()
         clock = self._clock
+        now = clock.now
         if clock.phase is Phase.SYNC:
             sync = transfer()
-            self._service.post(self.kind, sync, self._what(sync)).wait()
+            self._service.post(self.kind, sync, f"{self.name} ({sync.purpose}, step {now[1]})").wait()
             out = read()
         else:
-            self._require_previous_step()
+            if self._stamp != (now[0], now[1] - 1):
+                self._require_previous_step()
             out = read()
             later = transfer()
-            self._pending = self._service.post(self.kind, later, self._what(later), defer=True)
-        self._stamp = (clock.image, clock.step)
+            what = f"{self.name} ({later.purpose}, step {now[1]})"
+            self._pending = self._service.post(self.kind, later, what, defer=True)
+        self._stamp = now
         return out
-
-    def _what(self, transfer: Transfer) -> str:
-        return f"{self.name} ({transfer.purpose}, step {self._clock.step})"
 
     def _require_previous_step(self) -> None:
         expected = (self._clock.image, self._clock.step - 1)
