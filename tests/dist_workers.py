@@ -7,11 +7,12 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor
 
 import pcpp
+from pcpp.exchange import Transfer
+from pcpp.layers._common import PatchLayer
 from pcpp.testing import tiny_unet_config
 
 
@@ -170,28 +171,6 @@ def one_rank_skips(rank: int, world: int, case: Case) -> str:
     return "no error"
 
 
-def bad_mesh(rank: int, world: int) -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    unet = build_unet(Case())
-    before = [id(m) for m in unet.modules()]
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cfg",))
-    mesh2 = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("a", "b"))
-    messages = []
-    for bad in (mesh2,):
-        try:
-            pcpp.convert(unet, comm=bad)
-        except pcpp.ConversionError as err:
-            messages.append(str(err))
-    try:
-        pcpp.convert(unet, comm=init_device_mesh("cpu", (world, 1), mesh_dim_names=("cfg", "patch")))
-    except pcpp.ConversionError as err:
-        messages.append(str(err))
-    del mesh
-    unchanged = before == [id(m) for m in unet.modules()] and not pcpp.is_converted(unet)
-    return "\n".join(messages) + f"\nunchanged={unchanged}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Layer-level workers: the parallel layers on their own, against full-image references computed on every rank.
 
@@ -274,8 +253,45 @@ def groupnorm_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
     return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": norm.weight, "bias": norm.bias}
 
 
-def world_rank(rank: int, world: int) -> int:
-    return dist.get_rank()
+class ShiftDown(PatchLayer, torch.nn.Module):
+    """The smallest complete parallel layer (docs/design.md): ``y[:, :, i] = x[:, :, i - 1]``, zeros at the top.
+
+    Each strip needs the last row of the strip above: it states that it sends its own last row down and reads
+    the row from above into a buffer, and the exchange protocol does the rest (this step's row in synchronous
+    steps, the previous step's after warmup).
+    """
+
+    def __init__(self, context: pcpp.PatchContext, name: str = "shift") -> None:
+        super().__init__()
+        self.attach(context, name, pcpp.LayerKind.CONV)
+
+    def forward(self, x: Tensor) -> Tensor:
+        port = self.port
+        top = port.buffer("above", (x.shape[0], x.shape[1], 1, x.shape[3]), x, zeros=True)  # zeros on rank 0
+        send = x[:, :, -1:] if port.rank + 1 < port.world_size else None
+        recv = top if port.rank > 0 else None
+        return port.run(
+            lambda: Transfer("last row", port.neighbours(send_down=send, recv_up=recv)),
+            # Read inside ``read``: after it returns, an asynchronous step's receive may overwrite ``top``.
+            lambda: torch.cat([top, x[:, :, :-1]], dim=2),
+        )
+
+
+def shift_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
+    """:class:`ShiftDown` over steps a (sync), b, c (async)."""
+    ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 3)
+    layer = ShiftDown(ctx)
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(1, 2, height, 3, generator=gen) for _ in range(3)]
+    outs = []
+    for x in frames:
+        ctx.begin_step(height, 3, None)
+        outs.append(layer(_own(x, ctx)))
+        ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    sent = [s.by_kind[pcpp.LayerKind.CONV].sent for s in ctx.stats.steps]
+    return {"outs": outs, "frames": frames, "rows": geo.rows, "sent": sent}
 
 
 def two_modes(rank: int, world: int, first: Case, second: Case) -> dict[str, Any]:
@@ -364,11 +380,7 @@ def attention_buffers(rank: int, world: int, case: Case) -> list[dict[str, tuple
     unet = build_unet(case)
     pcpp.convert(unet, comm=comm_for(case, world), **case.convert)
     ddim_loop(unet, case)
-    return [
-        {name: tuple(t.shape) for name, t in m._state._tensors.items()}
-        for m in unet.modules()
-        if isinstance(m, pcpp.layers.PartialPatchAttention)
-    ]
+    return [m.port.buffer_shapes() for m in unet.modules() if isinstance(m, pcpp.layers.PartialPatchAttention)]
 
 
 def compiled_vs_eager(rank: int, world: int, case: Case, backend: str) -> dict[str, Any]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import math
 import shutil
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 import pcpp
 from dist_workers import Case, compiled_sizes, compiled_vs_eager
+from pcpp.comm import LocalCommunicator
 from pcpp.testing import run_distributed
 
 
@@ -79,9 +83,57 @@ def test_compiled_unet_follows_resolution_changes() -> None:
         assert max(errors) < 1e-4, errors
 
 
-def test_operators_are_registered() -> None:
-    """The three exchange points exist as torch operators (what Dynamo records instead of a graph break)."""
-    import pcpp.layers._ops  # noqa: F401
+class _StubLayer:
+    """Implements the operators' layer protocols (pcpp.layers._ops) and records how the operators call it."""
 
-    for name in ("conv_halo_rows", "image_group_stats", "strip_attention"):
-        assert hasattr(torch.ops.pcpp, name)
+    def __init__(self) -> None:
+        ctx = pcpp.PatchContext(pcpp.PCPPConfig(), LocalCommunicator(), unit=1, levels=0)
+        self.port = ctx.exchange.port("stub", pcpp.LayerKind.CONV)
+        self.owned: list[bool] = []  # whether the port copied sends during each call
+
+    def _record(self, t: torch.Tensor) -> None:
+        self.owned.append(self.port.send_copy(t).data_ptr() != t.data_ptr())
+
+    def swap_halo_rows(self, sent: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        self._record(sent)
+        return torch.cat([sent, sent]) * 2
+
+    def halo_numel(self, shape: Sequence[int]) -> int:
+        return 2 * math.prod(shape)
+
+    def image_stats(self, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._record(fresh)
+        return fresh[..., 1], fresh[..., 2]  # views of the input: the operator must return copies
+
+    def attend(self, query: torch.Tensor, kv: torch.Tensor, level: int, width: int) -> torch.Tensor:
+        self._record(kv)
+        return kv[..., query.shape[-1] :] * (level + width)
+
+
+def test_operators_call_their_layer_with_owned_sends() -> None:
+    """Each exchange operator (what Dynamo records instead of a graph break) calls its layer's declared method,
+    with the port copying sends while it runs (Inductor may reuse the inputs' memory once the operator returns),
+    returns what the layer computed (never a view of an input), and refuses a handle whose layer is gone."""
+    from pcpp.layers import _ops
+
+    layer = _StubLayer()
+    handle = _ops.register(layer)
+    token = torch.zeros(1)
+    sent = torch.arange(4.0)
+    halo = torch.ops.pcpp.conv_halo_rows(sent, token, handle, [1, 1, 2, 2])
+    assert torch.equal(halo, torch.cat([sent, sent]) * 2)
+    fresh = torch.rand(1, 2, 3)
+    mean, var = torch.ops.pcpp.image_group_stats(fresh, token, handle)
+    assert torch.equal(mean, fresh[..., 1])
+    assert torch.equal(var, fresh[..., 2])
+    assert mean.untyped_storage().data_ptr() != fresh.untyped_storage().data_ptr()
+    query, kv = torch.rand(1, 4, 2), torch.rand(1, 4, 6)
+    out = torch.ops.pcpp.strip_attention(query, kv, token, handle, 1, 3)
+    assert torch.equal(out, kv[..., 2:] * 4)
+    assert layer.owned == [True, True, True]
+    assert layer.port.send_copy(sent).data_ptr() == sent.data_ptr()  # eagerly, outside the operators: no copy
+    torch.library.opcheck(torch.ops.pcpp.conv_halo_rows.default, (sent, token, handle, [1, 1, 2, 2]))
+    del layer
+    gc.collect()
+    with pytest.raises(pcpp.PCPPError, match="no longer exists"):
+        torch.ops.pcpp.conv_halo_rows(sent, token, handle, [1, 1, 2, 2])

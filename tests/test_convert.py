@@ -276,9 +276,11 @@ def test_upcoming_phase_predicts_begin_step_without_changing_state() -> None:
     ctx = pcpp.PatchContext(pcpp.PCPPConfig(warmup_steps=2), LocalCommunicator(), unit=1, levels=0)
     seen = []
     for t in (900.0, 800.0, 700.0, 950.0):
-        state = (ctx.image, ctx.step, ctx._pending_reset, ctx._last_timestep)
+        state = (ctx.image, ctx.step, ctx.phase, ctx.geometry, ctx.clock.new_image_due)
         predicted = ctx.upcoming_phase(8, 8, t)
-        assert (ctx.image, ctx.step, ctx._pending_reset, ctx._last_timestep) == state  # nothing changed
+        # Asked about other sizes and timesteps too: none of it may change what the next step does.
+        ctx.upcoming_phase(16, 8, t + 1000.0)
+        assert (ctx.image, ctx.step, ctx.phase, ctx.geometry, ctx.clock.new_image_due) == state  # nothing changed
         ctx.begin_step(8, 8, t)
         assert ctx.phase is predicted
         seen.append((ctx.image, ctx.step, predicted.value))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from dist_workers import attention_staleness, conv_staleness, groupnorm_staleness
+from dist_workers import attention_staleness, conv_staleness, groupnorm_staleness, shift_staleness
 from pcpp.testing import run_distributed
 from reference import MaskedSelfAttention
 
@@ -100,3 +100,18 @@ def test_groupnorm_uses_corrected_statistics_of_the_previous_step(world: int, he
                 normed = ((g - m1[..., None]) / torch.sqrt(var[..., None] + 1e-5)).reshape(own.shape)
                 expected = (normed * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]).float()
             torch.testing.assert_close(result["outs"][step], expected, rtol=RTOL, atol=ATOL, msg=f"step {step}")
+
+
+@pytest.mark.parametrize(("world", "height"), [(2, 6), (3, 7)])
+def test_a_toy_layer_written_on_the_exchange_protocol(world: int, height: int) -> None:
+    """docs/design.md's smallest parallel layer (dist_workers.ShiftDown, one row down): exact in the synchronous
+    step, the row from above one step old after it, and its bytes counted by the protocol (one row of 2 x 3 fp32
+    values sent down by every rank but the last). Bitwise: a shift moves values, it computes nothing."""
+    for rank, result in enumerate(run_distributed(shift_staleness, world, height)):
+        rows = result["rows"]
+        start = sum(rows[:rank])
+        for step in range(3):
+            seen = _mixed(result["frames"], step, rows, rank)
+            shifted = torch.cat([torch.zeros_like(seen[:, :, :1]), seen[:, :, :-1]], dim=2)
+            assert torch.equal(result["outs"][step], shifted[:, :, start : start + rows[rank]]), step
+        assert result["sent"] == [0 if rank == world - 1 else 2 * 3 * 4] * 3

@@ -13,26 +13,27 @@ from pcpp.testing import run_distributed
 
 def test_scratch_is_one_growing_buffer_kept_for_graphs() -> None:
     ctx = PatchContext(pcpp.PCPPConfig(), LocalCommunicator(), unit=1, levels=0)
+    service = ctx.exchange
     like = torch.zeros(1)
-    small = ctx.scratch((2, 3), like)
-    again = ctx.scratch((3, 2), like)
+    small = service.scratch((2, 3), like)
+    again = service.scratch((3, 2), like)
     assert again.data_ptr() == small.data_ptr()  # one buffer, reused by every layer
-    big = ctx.scratch((4, 5), like)
+    big = service.scratch((4, 5), like)
     assert big.shape == (4, 5)
     assert big.numel() == 20
     # The outgrown buffer stays alive: a captured CUDA graph may still hold its address.
-    assert len(ctx._scratch[(torch.float32, like.device)]) == 2
-    assert ctx.scratch((2, 2), like).data_ptr() == big.data_ptr()
+    assert service.scratch_held() == {(torch.float32, like.device): (6, 20)}
+    assert service.scratch((2, 2), like).data_ptr() == big.data_ptr()
     # One buffer per dtype: alternating dtypes reuse theirs instead of stacking new ones.
     double = torch.zeros(1, dtype=torch.float64)
-    assert ctx.scratch((2,), double).dtype == torch.float64
-    assert ctx.scratch((2, 2), like).data_ptr() == big.data_ptr()
-    assert ctx.scratch((2,), double).data_ptr() == ctx.scratch((1,), double).data_ptr()
-    assert [len(v) for v in ctx._scratch.values()] == [2, 1]
-    generation = ctx.generation
+    assert service.scratch((2,), double).dtype == torch.float64
+    assert service.scratch((2, 2), like).data_ptr() == big.data_ptr()
+    assert service.scratch((2,), double).data_ptr() == service.scratch((1,), double).data_ptr()
+    assert service.scratch_held() == {(torch.float32, like.device): (6, 20), (torch.float64, like.device): (2,)}
+    generation = ctx.buffer_generation
     ctx.drain()
-    assert ctx._scratch == {}
-    assert ctx.generation == generation + 1  # CUDAGraphUNet recaptures: its graphs used the freed buffers
+    assert service.scratch_held() == {}
+    assert ctx.buffer_generation == generation + 1  # CUDAGraphUNet recaptures: its graphs used the freed buffers
 
 
 def test_partial_conditioning_keeps_only_neighbour_rows() -> None:

@@ -15,6 +15,7 @@ from dist_workers import Case, message_log, two_modes
 from pcpp.comm import Message
 from pcpp.comm.base import gather_messages, neighbour_messages
 from pcpp.comm.outbox import Outbox
+from pcpp.exchange import Transfer
 from pcpp.testing import run_distributed
 
 
@@ -106,11 +107,12 @@ def test_a_step_that_stopped_midway_is_discarded_at_reset(caplog: pytest.LogCapt
     comm = RecordingComm()
     ctx = PatchContext(pcpp.PCPPConfig(exchange_batch=4), comm, unit=1, levels=0)  # type: ignore[arg-type]
     ctx.begin_step(8, 8, None)
-    pending = ctx.defer(_messages(0, 2), "layer 0")  # the step raises here: no end_step
+    transfer = Transfer("test", _messages(0, 2))
+    pending = ctx.exchange.post(pcpp.LayerKind.CONV, transfer, "layer 0", defer=True)  # the step raises here
     with pytest.raises(pcpp.PCPPError, match="stopped midway"):
         ctx.begin_step(8, 8, None)
     ctx.request_reset()
-    with caplog.at_level("WARNING", logger="pcpp.context"):
+    with caplog.at_level("WARNING", logger="pcpp.exchange"):
         ctx.begin_step(8, 8, None)
     assert "dropped the unsent exchanges of 1 layers" in caplog.text
     pending.wait()  # waits on nothing
@@ -200,8 +202,6 @@ def test_every_rank_posts_matching_batches(world: int, convert: dict[str, object
 def test_a_communicator_without_send_recv_is_named_in_the_error() -> None:
     """Communicators written before send_recv existed (they had ``exchange``, which pcpp no longer calls) are
     refused with the missing method named."""
-    from datetime import timedelta
-
     from pcpp.comm.groups import resolve_groups
 
     class Old:
@@ -212,4 +212,4 @@ def test_a_communicator_without_send_recv_is_named_in_the_error() -> None:
         def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, *, what: str) -> None: ...
 
     with pytest.raises(pcpp.ConversionError, match="lacks send_recv"):
-        resolve_groups(Old(), timedelta(seconds=1))
+        resolve_groups(Old())

@@ -12,7 +12,6 @@ from torch import nn
 
 from .audit import audit_conversion
 from .comm.groups import CommLike, ParallelGroups, resolve_groups
-from .comm.torch_dist import TorchCommunicator
 from .config import Conditioning, PCPPConfig
 from .context import PatchContext
 from .errors import ConversionError
@@ -124,7 +123,8 @@ def convert(
         )
     plan = plan_conversion(unet)
     audit_conversion(unet, [r.name for r in plan])  # refuse a plan that would give a wrong image, before any change
-    groups = resolve_groups(comm, config.timeout)
+    groups = resolve_groups(comm)
+    groups.apply_timeout(config.timeout)
     levels = unet_levels(unet)
     context = PatchContext(config, groups.patch, unit=2**levels, levels=levels)
     originals: list[tuple[str, nn.Module]] = []
@@ -173,7 +173,7 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def get_context(unet: nn.Module) -> PatchContext:
-    """The shared step state of a converted UNet: ``config``, ``image``, ``step``, ``phase``, ``stats``.
+    """The shared context of a converted UNet: ``config``, ``image``, ``step``, ``phase``, ``geometry``, ``stats``.
 
     Raises:
         ConversionError: ``unet`` is not converted.
@@ -225,22 +225,24 @@ def configure(unet: nn.Module, **changes: Any) -> PCPPConfig:
     if unknown:
         raise ConversionError(f"pcpp.configure: unknown setting(s) {unknown}; known: {sorted(known)}.")
     config = dataclasses.replace(conversion.context.config, **changes)
-    conversion.context.drain()
-    conversion.context.config = config
-    for comm in (conversion.groups.patch, conversion.groups.cfg):
-        if isinstance(comm, TorchCommunicator):
-            comm.with_timeout(config.timeout)
+    conversion.context.reconfigure(config)
+    conversion.groups.apply_timeout(config.timeout)
     return config
 
 
 def revert(unet: M) -> M:
-    """Undo :func:`convert`: put the original modules back and remove the hooks. Returns ``unet``.
+    """Undo :func:`convert` (or :func:`pcpp.parallelize` for a pipeline): put the original modules back and remove
+    the hooks. Returns ``unet`` (or the pipeline).
 
     Waits for any exchange still in flight first.
 
     Raises:
         ConversionError: ``unet`` is not converted.
     """
+    from .pipeline import is_parallelized, revert_pipeline  # lazily: pcpp.pipeline imports this module
+
+    if is_parallelized(unet):
+        return revert_pipeline(unet)  # type: ignore[no-any-return]
     conversion = _conversion(unet, "revert")
     conversion.context.drain()
     conversion.hooks.remove()

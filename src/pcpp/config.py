@@ -65,10 +65,10 @@ class PCPPConfig:
             point-to-point messages (one NCCL launch). An asynchronous exchange is read only in the next step, so
             batching delays nothing that is waited on; it replaces one communication kernel per layer (156 per
             step for SDXL) with one per batch, but the batches leave later and the last ones finish at the end
-            of the step. Measured on 4x H100 at 1024x1024 with torch.compile (docs/benchmarks.md, table 7), 16
-            made the image slower than 1 (866.9 against 842.2 ms, same machine and compiled graph), so ``1``
-            (each layer's exchange posted at once) is the default. Synchronous steps always exchange layer by
+            of the step; ``1`` (each layer's exchange posted at once) is the default because it was the faster on
+            the GPUs measured so far (docs/benchmarks.md, table 7). Synchronous steps always exchange layer by
             layer.
+
     Raises:
         ConversionError: a field is out of range or of the wrong type.
 

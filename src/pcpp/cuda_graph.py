@@ -11,32 +11,24 @@ from torch import Tensor, nn
 
 from .api import get_context, is_converted, reset
 from .errors import PCPPError
+from .hooks import map_tensors
 
 __all__ = ["CUDAGraphUNet"]
 
 logger = logging.getLogger(__name__)
 
 
-def _flatten(value: Any, out: list[Tensor]) -> Any:
-    """Replace tensors by their index in ``out`` (collected), keeping the structure."""
-    if isinstance(value, Tensor):
-        out.append(value)
-        return ("__tensor__", len(out) - 1)
-    if isinstance(value, dict):
-        return {k: _flatten(v, out) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_flatten(v, out) for v in value)
-    return value
+def _tensors(value: Any) -> list[Tensor]:
+    """Every tensor inside ``value``, in :func:`~pcpp.hooks.map_tensors` order."""
+    found: list[Tensor] = []
+    map_tensors(value, found.append)
+    return found
 
 
-def _unflatten(value: Any, tensors: list[Tensor]) -> Any:
-    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__tensor__":
-        return tensors[value[1]]
-    if isinstance(value, dict):
-        return {k: _unflatten(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unflatten(v, tensors) for v in value)
-    return value
+def _replaced(value: Any, tensors: list[Tensor]) -> Any:
+    """``value`` with its tensors replaced, in :func:`~pcpp.hooks.map_tensors` order, by ``tensors``."""
+    fresh = iter(tensors)
+    return map_tensors(value, lambda _old: next(fresh))
 
 
 @dataclass
@@ -78,8 +70,8 @@ class CUDAGraphUNet:
         self._generation = 0
         if self._converted:
             context = get_context(unet)
-            context.join_at_step_end = True
-            self._generation = context.generation
+            context.join_at_step_end()
+            self._generation = context.buffer_generation
 
     def reset(self) -> None:
         """Start a new image at the next call."""
@@ -112,20 +104,21 @@ class CUDAGraphUNet:
         host_t = self._host_timestep(timestep)
         timestep = timestep.to(sample.device)
         ctx = get_context(self.unet) if self._converted else None
-        if ctx is not None and ctx.generation != self._generation:
+        if ctx is not None and ctx.buffer_generation != self._generation:
             # pcpp.configure (or another drain) freed the buffers the graphs write to: capture them again.
             self._graphs.clear()
-            self._generation = ctx.generation
+            self._generation = ctx.buffer_generation
         height, width = sample.shape[2], sample.shape[3]
         phase = ctx.upcoming_phase(height, width, host_t).value if ctx is not None else "plain"
-        tensors: list[Tensor] = []
-        structure = _flatten({"sample": sample, "timestep": timestep, **kwargs}, tensors)
-        key = (phase, repr(structure), tuple((tuple(t.shape), t.dtype) for t in tensors))
+        arguments = {"sample": sample, "timestep": timestep, **kwargs}
+        tensors = _tensors(arguments)
+        structure = repr(map_tensors(arguments, lambda _t: "<tensor>"))
+        key = (phase, structure, tuple((tuple(t.shape), t.dtype) for t in tensors))
         entry = self._graphs.get(key)
         if entry is None:
             # Eager first: warms up communicators (and torch.compile), allocates the buffers the graphs share.
-            out: Tensor = self.unet(**_unflatten(structure, tensors)).sample.clone()
-            self._capture(key, structure, tensors)
+            out: Tensor = self.unet(**_replaced(arguments, tensors)).sample.clone()
+            self._capture(key, arguments, tensors)
             return out
         for static, fresh in zip(entry.inputs, tensors, strict=True):
             static.copy_(fresh)
@@ -137,15 +130,14 @@ class CUDAGraphUNet:
             entry.graph.replay()
         return entry.output.clone()
 
-    def _capture(self, key: tuple[Any, ...], structure: Any, tensors: list[Tensor]) -> _Graph:
+    def _capture(self, key: tuple[Any, ...], arguments: dict[str, Any], tensors: list[Tensor]) -> _Graph:
         static = [t.clone() for t in tensors]
-        ctx = get_context(self.unet) if self._converted else None
-        if ctx is not None:
-            ctx.step -= 1  # capture the step that just ran eagerly again (recording only; nothing executes)
+        if self._converted:
+            get_context(self.unet).repeat_step()  # record the step that just ran eagerly (nothing executes)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = self.unet(**_unflatten(structure, static)).sample
+            output = self.unet(**_replaced(arguments, static)).sample
         logger.debug("pcpp: captured a CUDA graph for %s", key[0])
         entry = _Graph(graph, static, output)
         self._graphs[key] = entry

@@ -24,6 +24,7 @@ __all__ = [
     "partial_rows",
     "partition_rows",
     "smallest_splittable_height",
+    "top_padding_problem",
 ]
 
 
@@ -95,6 +96,24 @@ def partial_rows(partial: float, rows: int) -> int:
     return min(rows, math.ceil(round(partial * rows, 9)))
 
 
+def top_padding_problem(pad_top: int, reach: int) -> str | None:
+    """Why a conv with ``pad_top`` zero rows above the image cannot be split, or ``None`` if it can.
+
+    With more top padding than the kernel's reach (``dilation * (kernel - 1)`` rows), the first output rows read
+    nothing but padding, and a strip can need rows of a strip that is not its neighbour.
+
+    Example:
+        >>> top_padding_problem(1, 2) is None
+        True
+    """
+    if pad_top <= reach:
+        return None
+    return (
+        f"top padding of {pad_top} rows exceeds the kernel's reach of {reach} rows: the first output rows would read "
+        "nothing but padding, which pcpp does not split; remove the extra padding"
+    )
+
+
 @dataclass(frozen=True)
 class ConvHalo:
     """Where the input rows of one strip's convolution come from, for a conv whose height padding is removed.
@@ -154,11 +173,9 @@ def conv_halo(
     span = dilation * (kernel - 1) + 1
     if start % stride:
         raise SplitError(f"strip start row {start} is not a multiple of the conv stride {stride}.")
-    if pad_top > span - 1:
-        raise SplitError(
-            f"top padding of {pad_top} rows exceeds the kernel's reach of {span - 1} rows: the first output rows "
-            "would read nothing but padding, which pcpp does not split; remove the extra padding."
-        )
+    problem = top_padding_problem(pad_top, span - 1)
+    if problem is not None:
+        raise SplitError(problem + ".")
     total = (height + pad_top + pad_bottom - span) // stride + 1
     out_start = min(start // stride, total)
     out_stop = total if last else min(-(-stop // stride), total)

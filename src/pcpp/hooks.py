@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .agreement import CHECKED_STEPS, check_ranks_agree
+from .audit import check_call
 from .comm.base import PatchCommunicator
 from .comm.groups import ParallelGroups
-from .context import Geometry, PatchContext
+from .context import PatchContext
 from .errors import PCPPError
-from .layers._common import is_capturing
+from .exchange import Transfer, is_capturing
+from .geometry import Geometry
 from .stats import LayerKind
 
 __all__ = ["UNetHooks", "map_tensors"]
@@ -65,6 +67,7 @@ class UNetHooks:
     def _pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[()], dict[str, Any]]:
+        check_call(module)  # FreeU may have been switched on after conversion
         bound = self._signature.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
         for name, param in self._signature.parameters.items():
@@ -83,7 +86,7 @@ class UNetHooks:
         ctx.begin_step(sample.shape[2], sample.shape[3], timestep)
         if ctx.step in CHECKED_STEPS:  # before the CFG split: the ranks of the CFG group hold the same full batch
             check_ranks_agree(self.groups, arguments, ctx.config, image=ctx.image, step=ctx.step)
-        ctx.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
+        ctx.exchange.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
         geo = ctx.geometry
         assert geo is not None
         if self.groups.cfg_split:
@@ -133,8 +136,17 @@ class UNetHooks:
         return output
 
 
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor inside it (nested dicts, lists and tuples kept)."""
+def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside it (nested dicts, lists and tuples kept).
+
+    Tensors are visited in a fixed order (dict insertion order, then sequence order), so mapping two values of
+    the same structure visits their tensors in the same order.
+
+    Example:
+        >>> import torch
+        >>> map_tensors({"a": torch.ones(1), "b": [2, torch.zeros(1)]}, lambda t: t + 1)
+        {'a': tensor([2.]), 'b': [2, tensor([1.])]}
+    """
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, dict):
@@ -162,16 +174,18 @@ def _gather_rows(strip: Tensor, comm: PatchCommunicator, geo: Geometry, ctx: Pat
     tallest = max(rows)
     padded = F.pad(strip, (0, 0, 0, tallest - strip.shape[2])) if strip.shape[2] < tallest else strip
     out = torch.empty((comm.world_size * padded.shape[0], *padded.shape[1:]), dtype=strip.dtype, device=strip.device)
-    nbytes = padded.numel() * padded.element_size()
-    ctx.stats.record(LayerKind.OUTPUT, sent=nbytes * (comm.world_size - 1), received=nbytes * (comm.world_size - 1))
-    comm.all_gather(out, padded.contiguous(), what=f"output gather over the patch group (step {ctx.step})").wait()
+    transfer = Transfer("output gather over the patch group", gather=(out, padded.contiguous()))
+    ctx.exchange.post(LayerKind.OUTPUT, transfer, _what(transfer, ctx), comm=comm).wait()
     batch = strip.shape[0]
     return torch.cat([out[j * batch : (j + 1) * batch, :, : rows[j]] for j in range(comm.world_size)], dim=2)
 
 
 def _gather_batch(half: Tensor, comm: PatchCommunicator, ctx: PatchContext) -> Tensor:
     out = torch.empty((comm.world_size * half.shape[0], *half.shape[1:]), dtype=half.dtype, device=half.device)
-    nbytes = half.numel() * half.element_size()
-    ctx.stats.record(LayerKind.OUTPUT, sent=nbytes, received=nbytes)
-    comm.all_gather(out, half.contiguous(), what=f"output gather over the CFG group (step {ctx.step})").wait()
+    transfer = Transfer("output gather over the CFG group", gather=(out, half.contiguous()))
+    ctx.exchange.post(LayerKind.OUTPUT, transfer, _what(transfer, ctx), comm=comm).wait()
     return out
+
+
+def _what(transfer: Transfer, ctx: PatchContext) -> str:
+    return f"{transfer.purpose} (step {ctx.step})"

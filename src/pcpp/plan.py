@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -13,6 +14,7 @@ from .context import PatchContext
 from .errors import ConversionError, UnsupportedModuleError
 from .layers import AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
 from .layers.attention import check_supported
+from .layers.conv import split_padding
 
 __all__ = ["Replacement", "plan_conversion", "unet_levels"]
 
@@ -21,10 +23,16 @@ ENTRY_CONV = "conv_in"
 
 @dataclass(frozen=True)
 class Replacement:
-    """One module to swap: its qualified name and how to build the parallel version."""
+    """One module to swap: its qualified name and how to build the parallel version.
+
+    Attributes:
+        name: the module's qualified name.
+        build: ``build(original, context)`` returns the parallel module (a layer's ``from_*`` factory with the
+            options the plan chose).
+    """
 
     name: str
-    build: Callable[[nn.Module, PatchContext], nn.Module]  # returns the parallel module
+    build: Callable[[nn.Module, PatchContext], nn.Module]
 
 
 def _diffusers_class(name: str) -> type | None:
@@ -88,33 +96,6 @@ def _row_padding(parent: nn.Module | None, child_name: str) -> tuple[int, int]:
     return (0, 0)
 
 
-Builder = Callable[[nn.Module, PatchContext], nn.Module]
-
-
-def _conv_builder(name: str, entry: bool, row_padding: tuple[int, int]) -> Builder:
-    def build(module: nn.Module, context: PatchContext) -> nn.Module:
-        assert isinstance(module, nn.Conv2d)
-        return PartialPatchConv2d.from_conv(module, context, entry=entry, row_padding=row_padding, name=name)
-
-    return build
-
-
-def _norm_builder(name: str) -> Builder:
-    def build(module: nn.Module, context: PatchContext) -> nn.Module:
-        assert isinstance(module, nn.GroupNorm)
-        return AsyncGroupNorm.from_group_norm(module, context, name=name)
-
-    return build
-
-
-def _attention_builder(name: str) -> Builder:
-    def build(module: nn.Module, context: PatchContext) -> nn.Module:
-        assert isinstance(module, Attention)
-        return PartialPatchAttention.from_attention(module, context, name=name)
-
-    return build
-
-
 def plan_conversion(unet: nn.Module) -> list[Replacement]:
     """Decide every replacement for ``unet``, or raise before anything changes.
 
@@ -144,24 +125,16 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
             entry = name == ENTRY_CONV
             if entry or module.kernel_size[0] > 1 or module.stride[0] > 1:
                 pad = _row_padding(modules.get(parent_name), child_name)
-                if module.padding_mode != "zeros":
-                    problems.append(
-                        f"{name} (Conv2d): padding_mode={module.padding_mode!r} pads with rows of other strips; "
-                        "only 'zeros' can be split"
-                    )
+                try:
+                    split_padding(module, pad, name)
+                except ConversionError as err:
+                    problems.append(str(err))
                     continue
-                reach = module.dilation[0] * (module.kernel_size[0] - 1)
-                top = (module.padding[0] if not isinstance(module.padding, str) else 0) + pad[0]
-                if top > reach:
-                    problems.append(
-                        f"{name} (Conv2d): top padding {top} exceeds the kernel's reach of {reach} rows, so output "
-                        "rows would read only padding; pcpp does not split such convs"
-                    )
-                    continue
-                plan.append(Replacement(name, _conv_builder(name, entry, pad)))
+                build = partial(PartialPatchConv2d.from_conv, entry=entry, row_padding=pad, name=name)
+                plan.append(Replacement(name, build))
             continue
         if isinstance(module, nn.GroupNorm):
-            plan.append(Replacement(name, _norm_builder(name)))
+            plan.append(Replacement(name, partial(AsyncGroupNorm.from_group_norm, name=name)))
             continue
         if isinstance(module, Attention):
             if module.is_cross_attention:
@@ -171,7 +144,7 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
             except ConversionError as err:
                 problems.append(str(err))
                 continue
-            plan.append(Replacement(name, _attention_builder(name)))
+            plan.append(Replacement(name, partial(PartialPatchAttention.from_attention, name=name)))
             continue
         reason = _row_mixing_reason(module)
         if reason is not None:

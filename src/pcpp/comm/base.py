@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["DONE", "Handle", "Message", "PatchCommunicator", "gather_messages", "neighbour_messages", "other_slot"]
+__all__ = [
+    "DONE",
+    "Handle",
+    "Message",
+    "PatchCommunicator",
+    "TimedCommunicator",
+    "gather_messages",
+    "neighbour_messages",
+    "other_slot",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,18 @@ class PatchCommunicator(Protocol):
         Returns:
             A handle; ``output`` is valid after ``wait()``.
         """
+
+
+@runtime_checkable
+class TimedCommunicator(PatchCommunicator, Protocol):
+    """A communicator whose waits on peers are bounded by a settable limit (the optional part of the protocol).
+
+    :meth:`pcpp.comm.ParallelGroups.apply_timeout` sets it from ``PCPPConfig.timeout``, at conversion and at every
+    :func:`pcpp.configure`; communicators without it bound their waits themselves.
+    """
+
+    timeout: timedelta
+    """The longest a wait on a peer may take before :class:`pcpp.PeerTimeoutError`."""
 
 
 class _Done:

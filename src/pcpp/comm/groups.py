@@ -9,7 +9,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..errors import ConversionError
-from .base import PatchCommunicator
+from .base import PatchCommunicator, TimedCommunicator
 from .torch_dist import TorchCommunicator
 
 __all__ = ["CommLike", "ParallelGroups", "resolve_groups"]
@@ -62,16 +62,29 @@ class ParallelGroups:
                     f"{self.patch.world_size * cfg_size} ranks but the world has only {dist.get_world_size()}."
                 )
 
+    def apply_timeout(self, timeout: timedelta) -> None:
+        """Bound every wait of the communicators that take a limit (:class:`~pcpp.comm.base.TimedCommunicator`).
+
+        The one place where a communicator learns ``PCPPConfig.timeout``: :func:`pcpp.convert` and
+        :func:`pcpp.configure` call it.
+
+        Args:
+            timeout: the longest a wait on a peer may take.
+        """
+        for comm in (self.patch, self.cfg):
+            if isinstance(comm, TimedCommunicator):
+                comm.timeout = timeout
+
     @property
     def cfg_split(self) -> bool:
         """Whether the batch is split in CFG halves across two groups."""
         return self.cfg is not None and self.cfg.world_size == 2
 
 
-def _from_mesh(mesh: Any, timeout: timedelta) -> ParallelGroups:
+def _from_mesh(mesh: Any) -> ParallelGroups:
     names = tuple(mesh.mesh_dim_names or ())
     if mesh.ndim == 1:
-        return ParallelGroups(patch=TorchCommunicator(mesh.get_group(), timeout=timeout))
+        return ParallelGroups(patch=TorchCommunicator(mesh.get_group()))
     if mesh.ndim != 2 or set(names) != {CFG_DIM, PATCH_DIM}:
         raise ConversionError(
             f"a {mesh.ndim}-D DeviceMesh with dimension names {names or None} cannot be used: pass a 1-D mesh of "
@@ -84,21 +97,21 @@ def _from_mesh(mesh: Any, timeout: timedelta) -> ParallelGroups:
             f"the mesh's 'cfg' dimension has size {cfg_size}, but a classifier-free-guidance batch splits into "
             "exactly 2 halves; use size 2 (or 1 for no CFG split)."
         )
-    patch = TorchCommunicator(mesh.get_group(PATCH_DIM), timeout=timeout)
-    cfg = TorchCommunicator(mesh.get_group(CFG_DIM), timeout=timeout) if cfg_size == 2 else None
+    patch = TorchCommunicator(mesh.get_group(PATCH_DIM))
+    cfg = TorchCommunicator(mesh.get_group(CFG_DIM)) if cfg_size == 2 else None
     return ParallelGroups(patch=patch, cfg=cfg)
 
 
-def resolve_groups(comm: CommLike, timeout: timedelta) -> ParallelGroups:
+def resolve_groups(comm: CommLike) -> ParallelGroups:
     """Build :class:`ParallelGroups` from anything :func:`pcpp.convert` accepts as ``comm``.
 
     Args:
         comm: ``None`` (the default process group), a ``ProcessGroup``, a ``DeviceMesh`` (1-D patch mesh, or 2-D
             with dimensions ``("cfg", "patch")``), a :class:`PatchCommunicator`, or :class:`ParallelGroups`.
-        timeout: wait limit for communicators built here.
 
     Returns:
-        The groups; nothing is created beyond wrapping existing process groups.
+        The groups; nothing is created beyond wrapping existing process groups. Their wait limit is set by
+        :meth:`ParallelGroups.apply_timeout`.
 
     Raises:
         ConversionError: ``comm`` is of an unknown type, or does not describe a usable layout.
@@ -106,12 +119,12 @@ def resolve_groups(comm: CommLike, timeout: timedelta) -> ParallelGroups:
     if isinstance(comm, ParallelGroups):
         return comm
     if comm is None:
-        return ParallelGroups(patch=TorchCommunicator(None, timeout=timeout))
+        return ParallelGroups(patch=TorchCommunicator(None))
     if isinstance(comm, dist.ProcessGroup):
-        return ParallelGroups(patch=TorchCommunicator(comm, timeout=timeout))
+        return ParallelGroups(patch=TorchCommunicator(comm))
     mesh_type = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
     if mesh_type is not None and isinstance(comm, mesh_type):
-        return _from_mesh(comm, timeout)
+        return _from_mesh(comm)
     if isinstance(comm, PatchCommunicator):
         return ParallelGroups(patch=comm)
     if any(hasattr(comm, member) for member in _PROTOCOL):

@@ -52,8 +52,8 @@ class Outbox:
     An asynchronous exchange is read only in the next step, so it need not leave at once. Posting every layer's
     exchange on its own costs one communication kernel per layer (156 per step for SDXL, each occupying SMs and
     adding a cross-stream dependency); grouping ``limit`` layers makes one ``batch_isend_irecv`` of them. With
-    ``limit=1`` (``PCPPConfig.exchange_batch``'s default, the faster on 4x H100 so far) every layer's messages
-    leave at once.
+    ``limit=1`` (``PCPPConfig.exchange_batch``'s default; docs/benchmarks.md, table 7 says why) every layer's
+    messages leave at once.
 
     Batches close after the same number of layers on every rank (never after a number of bytes, which differs
     between edge and middle ranks), so all ranks post the same messages in the same batches and order. A layer

@@ -110,9 +110,8 @@ class TorchCommunicator:
         self._rank = rank
         self._world_size = dist.get_world_size(self._group)
         self._global = [dist.get_global_rank(self._group, r) for r in range(self._world_size)]
-        backend = str(dist.get_backend(self._group)).lower()
-        self._blocking_timeout: timedelta | None = None if "nccl" in backend else timeout
-        self.timeout = timeout
+        self._host_waits = "nccl" not in str(dist.get_backend(self._group)).lower()
+        self._timeout = timeout
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -129,22 +128,29 @@ class TorchCommunicator:
         """Number of ranks in the group."""
         return self._world_size
 
-    def with_timeout(self, timeout: timedelta) -> TorchCommunicator:
-        """Set the host-side wait limit (CPU backends) and return ``self``."""
-        self.timeout = timeout
-        if self._blocking_timeout is not None:
-            self._blocking_timeout = timeout
-        return self
+    @property
+    def timeout(self) -> timedelta:
+        """The longest a host-side wait may take (CPU backends; NCCL waits are bounded by the process group's own
+        timeout). :class:`pcpp.comm.ParallelGroups` sets it from ``PCPPConfig.timeout``."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout: timedelta) -> None:
+        self._timeout = timeout
+
+    def _blocking_timeout(self) -> timedelta | None:
+        """The limit of each host-side wait, or ``None`` where waits are enqueued on the GPU (NCCL)."""
+        return self._timeout if self._host_waits else None
 
     def send_recv(self, messages: Sequence[Message], *, what: str) -> Handle:
         """Post every message as one ``batch_isend_irecv``; see :class:`PatchCommunicator`."""
         if not messages:
-            return _Works((), what, self._blocking_timeout, ())
+            return _Works((), what, self._blocking_timeout(), ())
         ops = [
             dist.P2POp(dist.isend if m.send else dist.irecv, m.tensor, self._global[m.peer], self._group, m.tag)
             for m in messages
         ]
-        handle = _Works((), what, self._blocking_timeout, sorted({m.peer for m in messages}))
+        handle = _Works((), what, self._blocking_timeout(), sorted({m.peer for m in messages}))
         try:
             handle.post(dist.batch_isend_irecv(ops))
         except RuntimeError as err:  # gloo reports a peer gone while posting too
@@ -154,7 +160,7 @@ class TorchCommunicator:
     def all_gather(self, output: Tensor, tensor: Tensor, *, what: str) -> Handle:
         """Post an all-gather into ``output``; see :class:`PatchCommunicator`."""
         others = [r for r in range(self._world_size) if r != self._rank]
-        handle = _Works((), what, self._blocking_timeout, others)
+        handle = _Works((), what, self._blocking_timeout(), others)
         try:
             work = _all_gather_single(output, tensor.contiguous(), group=self._group, async_op=True)
         except RuntimeError as err:

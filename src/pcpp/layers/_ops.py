@@ -17,8 +17,10 @@ keep them in order and alive. They are tagged ``cudagraph_unsafe`` so that ``tor
 (``mode="reduce-overhead"``) leave them out: replaying a captured exchange would replay its phase decision too.
 Use :class:`pcpp.cuda_graph.CUDAGraphUNet`, which captures one graph per phase, for CUDA graphs.
 
-While an operator runs, the layer copies everything an exchange reads after the call returns
-(``_owned_sends``): Inductor may reuse an operator input's memory as soon as the operator is done.
+The operators call the layers only through the methods declared by the protocols below. While an operator
+runs, the layer's port copies everything an exchange reads after the call returns
+(:meth:`pcpp.exchange.ExchangePort.owning_sends`): Inductor may reuse an operator input's memory as soon as the
+operator is done.
 """
 
 from __future__ import annotations
@@ -27,20 +29,54 @@ import itertools
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 
 from ..errors import PCPPError
+from ..exchange import ExchangePort
 
-__all__ = ["register"]
+__all__ = ["GroupStatsLayer", "HaloRowsLayer", "OperatorLayer", "StripAttentionLayer", "register"]
 
-_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+class OperatorLayer(Protocol):
+    """A layer that a compiled operator calls back into."""
+
+    @property
+    def port(self) -> ExchangePort:
+        """The layer's end of the exchange protocol."""
+
+
+class HaloRowsLayer(OperatorLayer, Protocol):
+    """What ``pcpp::conv_halo_rows`` calls (``PartialPatchConv2d``)."""
+
+    def swap_halo_rows(self, sent: Tensor, shape: list[int]) -> Tensor:
+        """Post the flattened boundary rows ``sent``; return the halo rows this step reads, flattened."""
+
+    def halo_numel(self, shape: Sequence[int]) -> int:
+        """Elements of the halo rows that a strip of ``shape`` receives."""
+
+
+class GroupStatsLayer(OperatorLayer, Protocol):
+    """What ``pcpp::image_group_stats`` calls (``AsyncGroupNorm``)."""
+
+    def image_stats(self, fresh: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole-image mean and variance from this strip's fresh statistics."""
+
+
+class StripAttentionLayer(OperatorLayer, Protocol):
+    """What ``pcpp::strip_attention`` calls (``PartialPatchAttention``)."""
+
+    def attend(self, query: Tensor, kv: Tensor, level: int, width: int) -> Tensor:
+        """Attention of the strip's queries over the keys and values this step reads."""
+
+
+_LAYERS: weakref.WeakValueDictionary[int, OperatorLayer] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
 
 
-def register(layer: Any) -> int:
+def register(layer: OperatorLayer) -> int:
     """Give ``layer`` a handle by which the operators below find it.
 
     Args:
@@ -57,18 +93,8 @@ def register(layer: Any) -> int:
 _TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
-@contextmanager
-def _running(handle: int) -> Iterator[Any]:
-    """The layer of ``handle``, told to copy what its exchanges read after the operator returns."""
-    layer = _layer(handle)
-    layer._owned_sends = True
-    try:
-        yield layer
-    finally:
-        layer._owned_sends = False
-
-
-def _layer(handle: int) -> Any:
+def _layer(handle: int) -> OperatorLayer:
+    """The layer of ``handle``."""
     layer = _LAYERS.get(handle)
     if layer is None:
         raise PCPPError(
@@ -78,9 +104,17 @@ def _layer(handle: int) -> Any:
     return layer
 
 
+@contextmanager
+def _running(handle: int) -> Iterator[OperatorLayer]:
+    """The layer of ``handle``, its port copying what its exchanges read after the operator returns."""
+    layer = _layer(handle)
+    with layer.port.owning_sends():
+        yield layer
+
+
 @torch.library.custom_op("pcpp::conv_halo_rows", mutates_args=("token",), tags=_TAGS)
 def conv_halo_rows(sent: Tensor, token: Tensor, handle: int, shape: Sequence[int]) -> Tensor:
-    """Swap a conv's boundary rows with the neighbours (see ``PartialPatchConv2d._swap_edges``).
+    """Swap a conv's boundary rows with the neighbours (``HaloRowsLayer.swap_halo_rows``).
 
     Args:
         sent: this rank's rows for the neighbours, flattened: the rows sent up, then the rows sent down.
@@ -92,20 +126,19 @@ def conv_halo_rows(sent: Tensor, token: Tensor, handle: int, shape: Sequence[int
         The halo rows this step reads, flattened: rows from above, then rows from below.
     """
     with _running(handle) as layer:
-        out: Tensor = layer._swap_edges(sent, list(shape))
-    return out
+        return cast(HaloRowsLayer, layer).swap_halo_rows(sent, list(shape))
 
 
 @conv_halo_rows.register_fake
 def _conv_halo_rows_fake(sent: Tensor, token: Tensor, handle: int, shape: Sequence[int]) -> Tensor:
-    return sent.new_empty((_layer(handle).halo_numel(list(shape)),))
+    return sent.new_empty((cast(HaloRowsLayer, _layer(handle)).halo_numel(list(shape)),))
 
 
 @torch.library.custom_op("pcpp::image_group_stats", mutates_args=("token",), tags=_TAGS)
 def image_group_stats(fresh: Tensor, token: Tensor, handle: int) -> tuple[Tensor, Tensor]:
-    """Whole-image GroupNorm mean and variance from this strip's statistics (``AsyncGroupNorm._image_stats``)."""
+    """Whole-image GroupNorm mean and variance from this strip's statistics (``GroupStatsLayer.image_stats``)."""
     with _running(handle) as layer:
-        mean, var = layer._image_stats(fresh, layer.context.norm_ops(fresh.device))
+        mean, var = cast(GroupStatsLayer, layer).image_stats(fresh)
     # An operator's outputs may alias neither its inputs nor each other. The statistics are computed afresh, so
     # this costs nothing unless a kernel ever returns views of one buffer (checked on the host, no sync).
     if _shares_storage(mean, fresh):
@@ -128,10 +161,10 @@ def _image_group_stats_fake(fresh: Tensor, token: Tensor, handle: int) -> tuple[
 
 @torch.library.custom_op("pcpp::strip_attention", mutates_args=("token",), tags=_TAGS)
 def strip_attention(query: Tensor, kv: Tensor, token: Tensor, handle: int, level: int, width: int) -> Tensor:
-    """Attention of the strip's queries over the keys and values this phase reads (``_attend``)."""
+    """Attention of the strip's queries over the keys and values this phase reads
+    (``StripAttentionLayer.attend``)."""
     with _running(handle) as layer:
-        out: Tensor = layer._attend(query, kv, level, width)
-    return out
+        return cast(StripAttentionLayer, layer).attend(query, kv, level, width)
 
 
 @strip_attention.register_fake

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import Tensor
 
-from ..comm.base import gather_messages, neighbour_messages, other_slot
-from ..config import Conditioning, Phase
-from ..context import Geometry, PatchContext
+from ..comm.base import other_slot
+from ..config import Conditioning
+from ..context import PatchContext
 from ..errors import ConversionError, PCPPError
+from ..exchange import Transfer
 from ..functional import partial_rows
 from ..stats import LayerKind
-from ._common import PatchLayerState, require_geometry, share_module
+from ._common import PatchLayer, share_module
 
 __all__ = ["SUPPORTED_PROCESSORS", "PartialPatchAttention", "attend_heads"]
 
@@ -24,7 +25,7 @@ SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0, Fused
 ``FusedAttnProcessor2_0``, set by diffusers' ``fuse_qkv_projections()``, one ``to_qkv`` projection)."""
 
 
-class PartialPatchAttention(PatchLayerState, Attention):
+class PartialPatchAttention(PatchLayer, Attention):
     """A diffusers self-``Attention`` over one horizontal strip of the image.
 
     Queries are the strip's own tokens. Keys and values (projected, so each rank projects only its own tokens)
@@ -82,14 +83,13 @@ class PartialPatchAttention(PatchLayerState, Attention):
         Raises:
             ConversionError: ``attn`` cannot be split (see the class docstring).
         """
-        check_supported(attn, name or type(attn).__name__)
-        new = share_module(attn, cls)
+        new = share_module(attn, cls)  # attn itself is not touched, whether or not the check below passes
         new._setup(context, name)
         return new
 
     def _setup(self, context: PatchContext, name: str) -> None:
         check_supported(self, name or type(self).__name__)
-        self._attach(context, name)
+        self.attach(context, name, LayerKind.ATTENTION)
 
     def forward(
         self,
@@ -112,20 +112,18 @@ class PartialPatchAttention(PatchLayerState, Attention):
         Raises:
             PCPPError: an attention mask was given for split self-attention.
         """
-        if self.context.patch.world_size == 1 or encoder_hidden_states is not None:
+        if self.port.world_size == 1 or encoder_hidden_states is not None:
             return super().forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
         if attention_mask is not None:
             raise PCPPError(
                 f"{self.pcpp_name}: self-attention masks cannot be split into strips; call the UNet without "
                 "an attention_mask, or use one rank."
             )
-        require_geometry(self.context, self.pcpp_name)
         return self._strip_forward(hidden_states, cross_attention_kwargs.get("temb"))
 
     def _strip_forward(self, hidden_states: Tensor, temb: Tensor | None) -> Tensor:
-        geo = self.context.geometry
-        assert geo is not None  # checked by the caller
-        rank = self.context.patch.rank
+        geo = self.port.geometry()
+        rank = self.port.rank
         residual = hidden_states
         if self.spatial_norm is not None:
             hidden_states = self.spatial_norm(hidden_states, temb)
@@ -143,10 +141,10 @@ class PartialPatchAttention(PatchLayerState, Attention):
         query, kv = self._project(hidden_states)
         if torch.compiler.is_compiling():
             # One opaque operator: no graph break, and its output shape is the same in every phase.
-            token = self.context.order_token(kv.device)
-            out = torch.ops.pcpp.strip_attention(query, kv, token, self._handle, level, width)
+            token = self.port.order_token(kv.device)
+            out = torch.ops.pcpp.strip_attention(query, kv, token, self.handle, level, width)
         else:
-            out = self._attend(query, kv, level, width)
+            out = self.attend(query, kv, level, width)
         out = self.to_out[0](out)
         out = self.to_out[1](out)
         if input_ndim == 4:
@@ -169,8 +167,9 @@ class PartialPatchAttention(PatchLayerState, Attention):
         query = self.to_q(hidden_states)
         return query, torch.cat([self.to_k(hidden_states), self.to_v(hidden_states)], dim=-1)
 
-    def _attend(self, query: Tensor, kv: Tensor, level: int, width: int) -> Tensor:
-        """Scaled dot-product attention of the strip's queries over the keys and values this step reads.
+    def attend(self, query: Tensor, kv: Tensor, level: int, width: int) -> Tensor:
+        """Scaled dot-product attention of the strip's queries over the keys and values this step reads (what
+        ``pcpp::strip_attention`` runs).
 
         Args:
             query: ``(B, L, heads * head_dim)`` projected queries of the strip.
@@ -181,150 +180,119 @@ class PartialPatchAttention(PatchLayerState, Attention):
         Returns:
             ``(B, L, heads * value_head_dim)``, before the output projection.
         """
-        geo = self.context.geometry
-        assert geo is not None  # checked by forward
         inner = query.shape[-1]
-        kv = self._context_kv(kv, geo, level, width)
+        kv = self._context_kv(kv, self.port.geometry().strip_rows(level), width)
         key, value = kv.split([inner, kv.shape[-1] - inner], dim=-1)
         return attend_heads(self, query, key, value)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
-    def _context_kv(self, kv: Tensor, geo: Geometry, level: int, width: int) -> Tensor:
+    def _context_kv(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
         """The keys and values (concatenated on the last dim) that this strip's queries attend to."""
-        ctx, state = self.context, self._state
-        world = ctx.patch.world_size
-        rows = geo.strip_rows(level)
-        state.wait()
-        if ctx.phase is Phase.SYNC and ctx.config.conditioning is Conditioning.FULL:
-            return self._full_sync(kv, rows, width)
-        if ctx.phase is Phase.SYNC:
-            gathered = self._gather(kv, rows, width)
-            state.tag = (ctx.image, ctx.step)
-            batch = kv.shape[0]
-            strips = [gathered[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
-            self._keep_neighbour_rows(strips, rows, width, kv)
-            return torch.cat(strips, dim=1)
-        state.require_previous_step(ctx, self.pcpp_name)
-        if ctx.config.conditioning is Conditioning.FULL:
-            return self._full_async(kv, rows, width)
+        port = self.port
+        if port.config.conditioning is Conditioning.FULL:
+            return self._full(kv, rows, width)
+        if port.synchronous:
+            return self._partial_sync(kv, rows, width)
         return self._partial_async(kv, rows, width)
 
-    def _what(self, purpose: str) -> str:
-        return f"{self.pcpp_name} ({purpose}, step {self.context.step})"
-
-    def _gather(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """Blocking all-gather of every strip's K/V, padded to the tallest strip (partial conditioning).
-
-        Nothing of it outlives this call (the rows the next step reads are copied out), so it lands in the
-        context's scratch buffer, shared by all layers.
-        """
-        comm = self.context.patch
-        padded = self._gather_input(kv, max(rows) * width, kept=False)
-        out = self.context.scratch((comm.world_size * kv.shape[0], *padded.shape[1:]), kv)
-        comm.all_gather(out, padded, what=self._what("K/V all-gather")).wait()
-        return out
-
-    def _others(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """Full conditioning's per-layer buffer: every other strip's K/V, padded to the tallest strip, ``world - 1``
-        slots in rank order. The own strip has no slot: every step reads it fresh, so keeping it would only cost
-        memory (a ``1 / world`` share of the buffer, about 1.9 GB per rank for SDXL at 3072 px on 2 strips)."""
-        world = self.context.patch.world_size
-        return self._state.get("others", ((world - 1) * kv.shape[0], max(rows) * width, kv.shape[2]), kv)
-
-    def _with_others(self, kv: Tensor, others: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """The own strip's K/V between the other strips' (from :meth:`_others`), in image order."""
-        rank, world = self.context.patch.rank, self.context.patch.world_size
-        batch = kv.shape[0]
-        parts = []
-        for j in range(world):
-            slot = other_slot(rank, j)
-            parts.append(kv if j == rank else others[slot * batch : (slot + 1) * batch, : rows[j] * width])
-        return torch.cat(parts, dim=1)
-
-    def _full_sync(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        """Blocking gather of every other strip's K/V, point to point, into the layer's buffer (which the first
-        asynchronous step reads); returns every strip's K/V in image order."""
-        comm = self.context.patch
-        others = self._others(kv, rows, width)
-        mine = self._gather_input(kv, max(rows) * width, kept=False)
-        messages = gather_messages(comm.rank, comm.world_size, mine, others, self._tag, own_slot=False)
-        comm.send_recv(messages, what=self._what("K/V gather")).wait()
-        self._state.tag = (self.context.image, self.context.step)
-        return self._with_others(kv, others, rows, width)
-
-    def _gather_input(self, kv: Tensor, tokens: int, *, kept: bool) -> Tensor:
-        """This strip's K/V as a gather sends it, padded to ``tokens`` (the tallest strip's), and counted as sent
-        to and received from every other rank. ``kept``: the send outlives this call (see ``_send_copy``)."""
+    def _padded(self, kv: Tensor, tokens: int, *, kept: bool) -> Tensor:
+        """This strip's K/V as a gather sends it, padded to ``tokens`` (the tallest strip's). ``kept``: the send
+        outlives this call (see :meth:`pcpp.exchange.ExchangePort.send_copy`)."""
         if kv.shape[1] < tokens:
-            padded = F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
-        else:
-            # A view of fused projections is not contiguous, as the gather needs.
-            padded = self._send_copy(kv) if kept else kv.contiguous()
-        nbytes = padded.numel() * padded.element_size() * (self.context.patch.world_size - 1)
-        self.context.stats.record(LayerKind.ATTENTION, sent=nbytes, received=nbytes)
-        return padded
+            return F.pad(kv, (0, 0, 0, tokens - kv.shape[1]))
+        # A view of fused projections is not contiguous, as the gather needs.
+        return self.port.send_copy(kv) if kept else kv.contiguous()
+
+    def _full(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """DistriFusion's key set: every other strip's K/V, gathered point to point into the layer's buffer (this
+        step's in synchronous steps, the previous step's after), around the own strip's fresh K/V.
+
+        The buffer has ``world - 1`` slots padded to the tallest strip, in rank order, and none for the own strip:
+        every step reads that fresh, so keeping it would only cost memory (a ``1 / world`` share of the buffer).
+        """
+        port = self.port
+        batch, world = kv.shape[0], port.world_size
+        others = port.buffer("others", ((world - 1) * batch, max(rows) * width, kv.shape[2]), kv)
+        synchronous = port.synchronous
+
+        def gather() -> Transfer:
+            # Asynchronous steps send after ``others`` was read: the gather overwrites it for the next step.
+            mine = self._padded(kv, max(rows) * width, kept=not synchronous)
+            purpose = "K/V gather" if synchronous else "K/V all-gather"
+            return Transfer(purpose, port.gather(mine, others, own_slot=False))
+
+        def in_image_order() -> Tensor:
+            parts = []
+            for j in range(world):
+                slot = other_slot(port.rank, j)
+                parts.append(kv if j == port.rank else others[slot * batch : (slot + 1) * batch, : rows[j] * width])
+            return torch.cat(parts, dim=1)
+
+        return port.run(gather, in_image_order)
+
+    def _partial_sync(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
+        """Every strip's K/V of this step, by an all-gather into the context's scratch buffer (nothing of it
+        outlives this call); the neighbour rows the first asynchronous step reads are copied out."""
+        port = self.port
+        batch, world = kv.shape[0], port.world_size
+        tokens = max(rows) * width
+        gathered = port.scratch((world * batch, tokens, kv.shape[2]), kv)
+
+        def strips() -> Tensor:
+            parts = [gathered[j * batch : (j + 1) * batch, : rows[j] * width] for j in range(world)]
+            self._keep_neighbour_rows(parts, rows, width, kv)
+            return torch.cat(parts, dim=1)
+
+        return port.run(
+            lambda: Transfer("K/V all-gather", gather=(gathered, self._padded(kv, tokens, kept=False))), strips
+        )
 
     def _keep_neighbour_rows(self, strips: list[Tensor], rows: tuple[int, ...], width: int, like: Tensor) -> None:
         """After a synchronous step, store what the first asynchronous step reads from the neighbours."""
-        rank, world = self.context.patch.rank, self.context.patch.world_size
-        partial = self.context.config.partial
+        port = self.port
+        rank, world = port.rank, port.world_size
+        partial = port.config.partial
         if rank > 0:
             n_up = partial_rows(partial, rows[rank - 1])
             if n_up:
-                buf = self._state.get("up", (like.shape[0], n_up * width, like.shape[2]), like)
+                buf = port.buffer("up", (like.shape[0], n_up * width, like.shape[2]), like)
                 buf.copy_(strips[rank - 1][:, (rows[rank - 1] - n_up) * width :])
         if rank + 1 < world:
             n_down = partial_rows(partial, rows[rank + 1])
             if n_down:
-                buf = self._state.get("down", (like.shape[0], n_down * width, like.shape[2]), like)
+                buf = port.buffer("down", (like.shape[0], n_down * width, like.shape[2]), like)
                 buf.copy_(strips[rank + 1][:, : n_down * width])
 
     def _partial_async(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        ctx, state = self.context, self._state
-        comm = ctx.patch
-        rank, world = comm.rank, comm.world_size
-        partial = ctx.config.partial
+        """The own strip's fresh K/V between the previous step's ``ceil(partial * rows)`` nearest rows of each
+        adjacent strip; this step's boundary rows go out for the neighbours' next step."""
+        port = self.port
+        rank, world = port.rank, port.world_size
+        partial = port.config.partial
         batch, channels = kv.shape[0], kv.shape[2]
         n_up = partial_rows(partial, rows[rank - 1]) if rank > 0 else 0
         n_down = partial_rows(partial, rows[rank + 1]) if rank + 1 < world else 0
-        recv_up = state.get("up", (batch, n_up * width, channels), kv) if n_up else None
-        recv_down = state.get("down", (batch, n_down * width, channels), kv) if n_down else None
-        parts = [t for t in (recv_up, kv, recv_down) if t is not None]
-        context_kv = torch.cat(parts, dim=1) if len(parts) > 1 else kv
-        # This step's boundary rows, for the neighbours' next step; posted after the buffers were read above.
+        recv_up = port.buffer("up", (batch, n_up * width, channels), kv) if n_up else None
+        recv_down = port.buffer("down", (batch, n_down * width, channels), kv) if n_down else None
         n_me = partial_rows(partial, rows[rank])
-        send_up, send_down = self._send_pair(
-            kv[:, : n_me * width] if rank > 0 and n_me else None,
-            kv[:, (rows[rank] - n_me) * width :] if rank + 1 < world and n_me else None,
-        )
-        itemsize = kv.element_size()
-        ctx.stats.record(
-            LayerKind.ATTENTION,
-            sent=sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize,
-            received=sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize,
-        )
-        # Every layer joins the batch, with or without messages (partial=0 has none): batches must close after
-        # the same layers on every rank.
-        state.pending = ctx.defer(
-            neighbour_messages(
-                rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag
-            ),
-            self._what("partial K/V exchange"),
-        )
-        state.tag = (ctx.image, ctx.step)
-        return context_kv
 
-    def _full_async(self, kv: Tensor, rows: tuple[int, ...], width: int) -> Tensor:
-        ctx = self.context
-        stale = self._others(kv, rows, width)
-        context_kv = self._with_others(kv, stale, rows, width)
-        # Posted after ``stale`` was read into ``context_kv``: the gather overwrites it for the next step. Point
-        # to point, so that it joins the batch of the next layers' exchanges.
-        mine = self._gather_input(kv, max(rows) * width, kept=True)
-        messages = gather_messages(ctx.patch.rank, ctx.patch.world_size, mine, stale, self._tag, own_slot=False)
-        self._state.pending = ctx.defer(messages, self._what("K/V all-gather"))
-        self._state.tag = (ctx.image, ctx.step)
-        return context_kv
+        def with_neighbours() -> Tensor:
+            parts = [t for t in (recv_up, kv, recv_down) if t is not None]
+            return torch.cat(parts, dim=1) if len(parts) > 1 else kv
+
+        def boundary_rows() -> Transfer:
+            # partial=0 sends nothing, but the layer still joins its batch (see ExchangeService.post).
+            return Transfer(
+                "partial K/V exchange",
+                port.neighbours(
+                    send_up=kv[:, : n_me * width] if rank > 0 and n_me else None,
+                    send_down=kv[:, (rows[rank] - n_me) * width :] if rank + 1 < world and n_me else None,
+                    recv_up=recv_up,
+                    recv_down=recv_down,
+                ),
+            )
+
+        return port.run(boundary_rows, with_neighbours)
 
 
 def attend_heads(attn: Attention, query: Tensor, key: Tensor, value: Tensor) -> Tensor:

@@ -2,38 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..comm.base import Handle, neighbour_messages
-from ..config import Phase
-from ..context import Geometry, PatchContext
+from ..context import PatchContext
 from ..errors import ConversionError, PCPPError
-from ..functional import ConvHalo, conv_halo
+from ..exchange import Transfer
+from ..functional import ConvHalo, conv_halo, top_padding_problem
+from ..geometry import Geometry
 from ..stats import LayerKind
-from ._common import PatchLayerState, require_geometry, share_module
+from ._common import PatchLayer, share_module
 
-__all__ = ["PartialPatchConv2d"]
+__all__ = ["PartialPatchConv2d", "split_padding"]
 
 
-def _resolve_padding(conv: nn.Conv2d, where: str) -> tuple[int, int, int, int]:
-    """``(top, bottom, left, right)`` zero padding of ``conv``, resolving ``'same'`` and ``'valid'``."""
+def split_padding(conv: nn.Conv2d, row_padding: tuple[int, int], where: str) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero rows and columns around what ``conv`` convolves, or why pcpp cannot
+    split it: the one place of the padding rules, used by :func:`pcpp.plan.plan_conversion` and the layer.
+
+    Args:
+        conv: the convolution.
+        row_padding: ``(top, bottom)`` zero rows its parent block pads on before calling it (counted in).
+        where: the conv's qualified name, for the error.
+
+    Returns:
+        The padding, ``'same'`` and ``'valid'`` resolved.
+
+    Raises:
+        ConversionError: its padding mode reads rows of other strips (only ``'zeros'`` does not), or its top
+            padding exceeds the kernel's reach.
+    """
     if conv.padding_mode != "zeros":
         raise ConversionError(
-            f"{where}: Conv2d with padding_mode={conv.padding_mode!r} cannot be split into strips (its padding "
-            "reads rows of other strips); only padding_mode='zeros' is supported."
+            f"{where} (Conv2d): padding_mode={conv.padding_mode!r} pads with rows of other strips; only 'zeros' can "
+            "be split"
         )
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return 0, 0, 0, 0
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        return total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2
-    ph, pw = conv.padding
-    return ph, ph, pw, pw
+            top = bottom = left = right = 0
+        else:
+            total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+            top, bottom, left, right = total[0] // 2, total[0] - total[0] // 2, total[1] // 2, total[1] - total[1] // 2
+    else:
+        (top, left), (bottom, right) = conv.padding, conv.padding
+    top, bottom = top + int(row_padding[0]), bottom + int(row_padding[1])
+    problem = top_padding_problem(top, conv.dilation[0] * (conv.kernel_size[0] - 1))
+    if problem is not None:
+        raise ConversionError(f"{where} (Conv2d): {problem}")
+    return top, bottom, left, right
 
 
 def _attach(
@@ -69,7 +89,7 @@ def _attach(
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
-class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
+class PartialPatchConv2d(PatchLayer, nn.Conv2d):
     """A ``Conv2d`` applied to one horizontal strip, with halo rows from the strips above and below.
 
     In synchronous steps the halo rows are this step's, exchanged point-to-point before the convolution, so the
@@ -90,7 +110,7 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         **kwargs: as ``torch.nn.Conv2d``.
 
     Raises:
-        ConversionError: the conv's padding mode reads across strips (only ``'zeros'`` works).
+        ConversionError: the conv's padding cannot be split (see :func:`split_padding`).
 
     Example:
         >>> import torch, pcpp
@@ -136,20 +156,20 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
             The parallel conv; ``conv`` itself is left unchanged.
 
         Raises:
-            ConversionError: the conv's padding mode reads across strips.
+            ConversionError: the conv's padding cannot be split (see :func:`split_padding`).
         """
         new = share_module(conv, cls)
         new._setup(context, entry=entry, row_padding=row_padding, name=name)
         return new
 
     def _setup(self, context: PatchContext, *, entry: bool, row_padding: tuple[int, int], name: str) -> None:
-        pad_top, pad_bottom, pad_left, pad_right = _resolve_padding(self, name or type(self).__name__)
+        pad_top, pad_bottom, pad_left, pad_right = split_padding(self, row_padding, name or type(self).__name__)
         self.entry = entry
         self.row_padding = (int(row_padding[0]), int(row_padding[1]))
-        self._pads = (pad_top + self.row_padding[0], pad_bottom + self.row_padding[1])
+        self._pads = (pad_top, pad_bottom)
         self._width_pad = (pad_left, pad_right)
         self._plans: dict[tuple[int, int], list[ConvHalo]] = {}
-        self._attach(context, name)
+        self.attach(context, name, LayerKind.CONV)
 
     def _halos(self, geo: Geometry, level: int, height: int) -> list[ConvHalo]:
         """Every strip's halo plan at ``level`` (``height`` rows there), cached per ``(level, height)``.
@@ -207,16 +227,13 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         Returns:
             This rank's strip of the output.
         """
-        comm = self.context.patch
-        if comm.world_size == 1:
+        if self.port.world_size == 1:
             return super().forward(x)
-        require_geometry(self.context, self.pcpp_name)
-        geo = self.context.geometry
-        assert geo is not None  # for mypy; require_geometry raised otherwise
+        geo = self.port.geometry()
         return self._entry_forward(x, geo) if self.entry else self._strip_forward(x, geo)
 
     def _entry_forward(self, x: Tensor, geo: Geometry) -> Tensor:
-        rank = self.context.patch.rank
+        rank = self.port.rank
         if x.shape[2] != geo.height:
             raise PCPPError(
                 f"{self.pcpp_name}: the entry conv expects the full-height input ({geo.height} rows), got {x.shape[2]}."
@@ -239,7 +256,7 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
     def _plan(self, geo: Geometry, height: int) -> tuple[ConvHalo, int, int]:
         """This rank's halo plan for a strip of ``height`` rows, and how many of its own rows it sends up and down
         (as many as the neighbours' plans read)."""
-        rank, world = self.context.patch.rank, self.context.patch.world_size
+        rank, world = self.port.rank, self.port.world_size
         level = geo.level_of(rank, height)
         plans = self._halos(geo, level, geo.level_height(level))
         send_up = plans[rank - 1].from_below if rank > 0 else 0
@@ -260,9 +277,9 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         if send_down:
             edges.append(strip[:, :, h - send_down :].reshape(-1))
         sent = torch.cat(edges) if edges else strip.new_empty(0)
-        token = self.context.order_token(strip.device)
+        token = self.port.order_token(strip.device)
         # One opaque operator instead of a graph break; see pcpp.layers._ops.
-        halo = torch.ops.pcpp.conv_halo_rows(sent, token, self._handle, list(strip.shape))
+        halo = torch.ops.pcpp.conv_halo_rows(sent, token, self.handle, list(strip.shape))
         n_up = batch * channels * mine.from_above * width
         return _attach(
             strip,
@@ -272,7 +289,7 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
             lambda _key, rows: strip.new_zeros(batch, channels, rows, width),
         )
 
-    def halo_numel(self, shape: tuple[int, ...] | list[int]) -> int:
+    def halo_numel(self, shape: Sequence[int]) -> int:
         """Elements of the halo rows that a strip of ``shape`` receives (``pcpp::conv_halo_rows``'s output).
 
         Args:
@@ -284,26 +301,22 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         Raises:
             PCPPError: no step is open, or ``h`` matches no level of the strip.
         """
-        require_geometry(self.context, self.pcpp_name)
-        geo = self.context.geometry
-        assert geo is not None  # for mypy
         batch, channels, height, width = shape
-        mine, _, _ = self._plan(geo, height)
+        mine, _, _ = self._plan(self.port.geometry(), height)
         return batch * channels * width * (mine.from_above + mine.from_below)
 
-    # Every phase-dependent branch and all communication sit in _swap, which the eager path reaches through
-    # _with_halo and the compiled path through the pcpp::conv_halo_rows operator (_swap_edges); the decorators
-    # only matter where these methods are called directly while compiling.
+    # All communication goes through _exchange_rows (one call into the exchange protocol), which the eager path
+    # reaches through _with_halo and the compiled path through the pcpp::conv_halo_rows operator
+    # (swap_halo_rows); the decorators only matter where these methods are called directly while compiling.
     @torch.compiler.disable
     def _with_halo(self, strip: Tensor, geo: Geometry) -> Tensor:
         """The strip with its halo rows (and image-edge zeros) attached, ready for a height-unpadded conv.
 
         In asynchronous steps this step's boundary rows go out for the neighbours' next step after the halo was
-        assembled (see ``_swap``): the assembly has read the receive buffers by then, in stream order on a GPU and
-        in program order on a CPU. They leave at once with ``exchange_batch=1`` (overlapping with the conv
-        itself), else with the batch of the next layers (``PatchContext.defer``).
+        assembled (:meth:`pcpp.exchange.ExchangePort.run`). They leave at once with ``exchange_batch=1``
+        (overlapping with the conv itself), else with the batch of the next layers.
         """
-        state = self._state
+        port = self.port
         mine, send_up, send_down = self._plan(geo, strip.shape[2])
         batch, channels, h, width = strip.shape
 
@@ -314,10 +327,10 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
                 mine,
                 recv_up,
                 recv_down,
-                lambda key, rows: state.get(key, (batch, channels, rows, width), strip, zeros=True),
+                lambda key, rows: port.buffer(key, (batch, channels, rows, width), strip, zeros=True),
             )
 
-        return self._swap(
+        return self._exchange_rows(
             strip[:, :, :send_up] if send_up else None,
             strip[:, :, h - send_down :] if send_down else None,
             mine,
@@ -327,15 +340,21 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         )
 
     @torch.compiler.disable
-    def _swap_edges(self, sent: Tensor, shape: list[int]) -> Tensor:
-        """``pcpp::conv_halo_rows``: post the flattened boundary rows ``sent`` (rows sent up, then down) and
-        return the halo rows this step reads, flattened (rows from above, then from below), as a new tensor."""
-        geo = self.context.geometry
-        assert geo is not None  # the operator's fake checked it
+    def swap_halo_rows(self, sent: Tensor, shape: list[int]) -> Tensor:
+        """What ``pcpp::conv_halo_rows`` runs: post the flattened boundary rows ``sent`` (rows sent up, then down)
+        and return the halo rows this step reads, flattened (rows from above, then from below), as a new tensor.
+
+        Args:
+            sent: this rank's boundary rows, flattened.
+            shape: ``(B, C, h, W)`` of the strip.
+
+        Returns:
+            The halo rows, flattened.
+        """
         batch, channels, height, width = shape
-        mine, send_up, send_down = self._plan(geo, height)
+        mine, send_up, send_down = self._plan(self.port.geometry(), height)
         n_up = batch * channels * send_up * width
-        return self._swap(
+        return self._exchange_rows(
             sent[:n_up].view(batch, channels, send_up, width) if send_up else None,
             sent[n_up:].view(batch, channels, send_down, width) if send_down else None,
             mine,
@@ -344,7 +363,7 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
             lambda up, down: torch.cat([t.reshape(-1) for t in (up, down) if t is not None] or [sent.new_empty(0)]),
         )
 
-    def _swap(
+    def _exchange_rows(
         self,
         send_up: Tensor | None,
         send_down: Tensor | None,
@@ -353,48 +372,19 @@ class PartialPatchConv2d(PatchLayerState, nn.Conv2d):
         like: Tensor,
         read: Callable[[Tensor | None, Tensor | None], Tensor],
     ) -> Tensor:
-        """Exchange boundary rows with the neighbours and return ``read(rows from above, rows from below)``.
-
-        Synchronous steps read this step's rows; asynchronous steps read the previous step's and then post this
-        step's (``read`` runs before the post, so the receive buffers are read before they are overwritten).
-        """
-        ctx, state = self.context, self._state
+        """Swap boundary rows with the neighbours and return ``read(rows from above, rows from below)``: this
+        step's rows in synchronous steps, the previous step's in asynchronous ones."""
+        port = self.port
         batch, channels, width = bcw
-        recv_up = state.get("up", (batch, channels, mine.from_above, width), like) if mine.from_above else None
-        recv_down = state.get("down", (batch, channels, mine.from_below, width), like) if mine.from_below else None
-        state.wait()
-        if ctx.phase is Phase.SYNC:
-            self._post(send_up, send_down, recv_up, recv_down, defer=False).wait()
-            out = read(recv_up, recv_down)
-        else:
-            state.require_previous_step(ctx, self.pcpp_name)
-            out = read(recv_up, recv_down)
-            state.pending = self._post(send_up, send_down, recv_up, recv_down, defer=True)
-        state.tag = (ctx.image, ctx.step)
-        return out
-
-    def _post(
-        self,
-        send_up: Tensor | None,
-        send_down: Tensor | None,
-        recv_up: Tensor | None,
-        recv_down: Tensor | None,
-        *,
-        defer: bool,
-    ) -> Handle:
-        """Post the exchange: at once (synchronous steps), or with the next layers' (``PatchContext.defer``)."""
-        send_up, send_down = self._send_pair(send_up, send_down)
-        present = [t for t in (send_up, send_down, recv_up, recv_down) if t is not None]
-        itemsize = present[0].element_size() if present else 0
-        sent = sum(t.numel() for t in (send_up, send_down) if t is not None) * itemsize
-        received = sum(t.numel() for t in (recv_up, recv_down) if t is not None) * itemsize
-        ctx = self.context
-        ctx.stats.record(LayerKind.CONV, sent=sent, received=received)
-        what = f"{self.pcpp_name} (conv halo, step {ctx.step})"
-        messages = neighbour_messages(
-            ctx.patch.rank, send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down, tag=self._tag
+        recv_up = port.buffer("up", (batch, channels, mine.from_above, width), like) if mine.from_above else None
+        recv_down = port.buffer("down", (batch, channels, mine.from_below, width), like) if mine.from_below else None
+        return port.run(
+            lambda: Transfer(
+                "conv halo",
+                port.neighbours(send_up=send_up, send_down=send_down, recv_up=recv_up, recv_down=recv_down),
+            ),
+            lambda: read(recv_up, recv_down),
         )
-        return ctx.defer(messages, what) if defer else ctx.patch.send_recv(messages, what=what)
 
     def extra_repr(self) -> str:
         extra = ", entry=True" if self.entry else ""

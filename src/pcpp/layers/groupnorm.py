@@ -8,19 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..comm.base import Handle, gather_messages
-from ..config import Phase
 from ..context import PatchContext
-from ..kernels import NormOps
+from ..exchange import Transfer
 from ..stats import LayerKind
-from ._common import PatchLayerState, share_module
+from ._common import PatchLayer, share_module
 
 __all__ = ["AsyncGroupNorm"]
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
+class AsyncGroupNorm(PatchLayer, nn.GroupNorm):
     """``GroupNorm`` over an image split into strips, one per rank.
 
     Each rank computes per-group count, mean and biased variance of its strip in float32. In synchronous steps
@@ -45,7 +43,7 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
 
     def __init__(self, *args: Any, context: PatchContext, name: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._attach(context, name)
+        self.attach(context, name, LayerKind.GROUPNORM)
 
     @classmethod
     def from_group_norm(cls, norm: nn.GroupNorm, context: PatchContext, *, name: str = "") -> AsyncGroupNorm:
@@ -60,7 +58,7 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
             The parallel norm; ``norm`` itself is left unchanged.
         """
         new = share_module(norm, cls)
-        new._attach(context, name)
+        new.attach(context, name, LayerKind.GROUPNORM)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,59 +71,58 @@ class AsyncGroupNorm(PatchLayerState, nn.GroupNorm):
         Returns:
             The normalised strip, shaped and typed like ``x``.
         """
-        ctx = self.context
-        comm = ctx.patch
-        if comm.world_size == 1:
+        if self.port.world_size == 1:
             return super().forward(x)
-        ops = ctx.norm_ops(x.device)
+        ops = self.context.norm_ops(x.device)
         fresh = ops.local_stats(x, self.num_groups)
         if torch.compiler.is_compiling():
             # One opaque operator instead of a graph break; see pcpp.layers._ops.
-            token = ctx.order_token(x.device)
-            mean, var = torch.ops.pcpp.image_group_stats(fresh, token, self._handle)
+            token = self.port.order_token(x.device)
+            mean, var = torch.ops.pcpp.image_group_stats(fresh, token, self.handle)
         else:
-            mean, var = self._image_stats(fresh, ops)
+            mean, var = self.image_stats(fresh)
         return ops.normalize(x, self.num_groups, mean, var, self.eps, self.weight, self.bias)
 
     @torch.compiler.disable  # phase branches and communication stay out of compiled graphs
-    def _image_stats(self, fresh: Tensor, ops: NormOps) -> tuple[Tensor, Tensor]:
-        """Whole-image mean and variance for this step, from this strip's fresh statistics."""
-        ctx, state = self.context, self._state
-        comm = ctx.patch
-        gathered = state.get("stats", (comm.world_size * fresh.shape[0],) + tuple(fresh.shape[1:]), fresh)
-        state.wait()
-        if ctx.phase is Phase.SYNC:
-            self._post(gathered, fresh).wait()
-            mean, var = ops.merged_stats(gathered.view(comm.world_size, *fresh.shape))
-        else:
-            state.require_previous_step(ctx, self.pcpp_name)
-            mean, var, fell_back = ops.corrected_stats(gathered.view(comm.world_size, *fresh.shape), comm.rank, fresh)
+    def image_stats(self, fresh: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole-image mean and variance for this step, from this strip's fresh statistics (what
+        ``pcpp::image_group_stats`` runs).
+
+        Synchronous steps gather every strip's statistics and merge them. Asynchronous steps correct the previous
+        step's merged statistics by the own strip's change, then keep this step's statistics in the own slot (the
+        next correction reads them) and send them to every other rank.
+
+        Args:
+            fresh: ``(B, G, 3)`` count, mean and biased variance of this strip, float32.
+
+        Returns:
+            ``(mean, var)``, each ``(B, G)`` float32.
+        """
+        port = self.port
+        ops = self.context.norm_ops(fresh.device)
+        rank, world = port.rank, port.world_size
+        gathered = port.buffer("stats", (world * fresh.shape[0],) + tuple(fresh.shape[1:]), fresh)
+        slots = gathered.view(world, *fresh.shape)
+        if port.synchronous:
+            return port.run(
+                lambda: Transfer("GroupNorm statistics", gather=(gathered, fresh)), lambda: ops.merged_stats(slots)
+            )
+        own = gathered[rank * fresh.shape[0] : (rank + 1) * fresh.shape[0]]
+
+        def corrected() -> tuple[Tensor, Tensor]:
+            mean, var, fell_back = ops.corrected_stats(slots, rank, fresh)
             if logger.isEnabledFor(logging.DEBUG) and bool(fell_back.any()):
                 logger.debug(
                     "%s: corrected variance < 0 in %d groups; used the local variance",
                     self.pcpp_name,
                     int(fell_back.sum()),
                 )
-            # Reading ``gathered`` above is ordered before it is overwritten below (same stream, or CPU). The own
-            # slot keeps this step's statistics (the next step's correction reads them) and is what the other
-            # ranks receive, point to point, with the next layers' exchanges.
-            own = gathered[comm.rank * fresh.shape[0] : (comm.rank + 1) * fresh.shape[0]]
+            return mean, var
+
+        def send_own() -> Transfer:
+            # After ``corrected`` read the slots. The own slot keeps this step's statistics (the next correction
+            # reads them) and is what the other ranks receive, point to point.
             own.copy_(fresh)
-            self._record(fresh)
-            state.pending = ctx.defer(
-                gather_messages(comm.rank, comm.world_size, own, gathered, self._tag), self._what()
-            )
-        state.tag = (ctx.image, ctx.step)
-        return mean, var
+            return Transfer("GroupNorm statistics", port.gather(own, gathered))
 
-    def _what(self) -> str:
-        return f"{self.pcpp_name} (GroupNorm statistics, step {self.context.step})"
-
-    def _record(self, fresh: Tensor) -> None:
-        others = self.context.patch.world_size - 1
-        nbytes = fresh.numel() * fresh.element_size()
-        self.context.stats.record(LayerKind.GROUPNORM, sent=nbytes * others, received=nbytes * others)
-
-    def _post(self, gathered: Tensor, fresh: Tensor) -> Handle:
-        self._record(fresh)
-        return self.context.patch.all_gather(gathered, fresh, what=self._what())
+        return port.run(send_own, corrected)
