@@ -242,7 +242,7 @@ def revert(unet: M) -> M:
     from .pipeline import is_parallelized, revert_pipeline  # lazily: pcpp.pipeline imports this module
 
     if is_parallelized(unet):
-        return revert_pipeline(unet)  # type: ignore[no-any-return]
+        return revert_pipeline(unet)
     conversion = _conversion(unet, "revert")
     conversion.context.drain()
     conversion.hooks.remove()

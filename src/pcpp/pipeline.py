@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 from .api import convert, is_converted, reset, revert
 from .comm.groups import CommLike, resolve_groups
-from .config import PCPPConfig
 from .errors import ConversionError
 
 __all__ = ["OutputPlacement", "VAEPlacement", "is_parallelized", "parallelize", "revert_pipeline"]
@@ -164,8 +163,7 @@ def parallelize(
         >>> image = pipe("a fox", generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
     """
     _check(pipe, vae, output, convert_options)
-    config = PCPPConfig(timeout=convert_options.get("timeout", PCPPConfig().timeout))  # validates the timeout
-    groups = resolve_groups(comm, config.timeout)
+    groups = resolve_groups(comm)
     first = groups.patch.rank == 0 and (groups.cfg is None or groups.cfg.rank == 0)
     convert(pipe.unet, comm=groups, **convert_options)  # type: ignore[attr-defined]
     # Nothing below can fail: the checks and the conversion are done.
