@@ -101,6 +101,7 @@ def test_write_table_replaces_the_marked_block(tmp_path: Path) -> None:
     assert fresh.read_text() == "| t |\n"
 
 
+@pytest.mark.slow  # a whole image or study: out of the quick loop
 def test_small_study_on_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 gloo ranks, 4 prompts, 32 px, 4 steps, exact and partial 0.3 / warmup 2: exact is float rounding away
     from one device (> 60 dB; measured ~130 dB), the JSON has every part the docs read, and a second run with

@@ -78,6 +78,7 @@ def test_single_device_reference_does_not_count_against_the_peer_timeout(tmp_pat
     assert report["identical"] or report["psnr_db"] > 60.0, report
 
 
+@pytest.mark.slow  # a whole image or study: out of the quick loop
 def test_generate_without_torchrun_runs_on_one_process(tmp_path: Path) -> None:
     """One process, no torchrun: the saved image is the plain single-device sampler's image for the same prompt,
     seed and settings (3 steps, all synchronous, so up to float rounding; compared after 8-bit quantisation, so

@@ -143,6 +143,7 @@ def test_half_written_files_of_a_killed_run_are_removed_before_any_image(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow  # a whole image or study: out of the quick loop
 def test_one_process_makes_the_good_lines_and_names_the_malformed_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -102,6 +102,7 @@ def test_unit_areas_match_the_drawn_shapes() -> None:
     assert torch.allclose(areas, torch.tensor(UNIT_AREAS, dtype=torch.float32), rtol=0.01)
 
 
+@pytest.mark.slow  # a whole image or study: out of the quick loop
 def test_shape_reader_reads_rendered_shapes() -> None:
     """read_shape recognises at least 85% of single rendered shapes (it reads about 96%; chance is 17%)."""
     scenes = sample_scenes(200, torch.Generator().manual_seed(5))
@@ -174,6 +175,7 @@ def test_save_and_reload_round_trip(model: TinyModel, tmp_path: Path) -> None:
     assert torch.equal(model.text_encoder(ids), again.text_encoder(ids))
 
 
+@pytest.mark.slow  # a whole image or study: out of the quick loop
 def test_samples_match_prompt_colours_and_are_not_noise(images: Tensor) -> None:
     """Generated 32x32 images (10 DDIM steps, seed 0) show the prompt's colours and are smooth.
 
