@@ -15,6 +15,7 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh knobs     # compile at 1024 as above, then with NCCL p2p channels capped
 #   OUT=/some/dir bash benchmarks/device_run.sh one       # 1 GPU alone: single eager/graph/compile against pcpp on 1 rank
 #   OUT=/some/dir bash benchmarks/device_run.sh one2      # 1 GPU: plain UNet and pcpp on 1 rank, images interleaved
+#   OUT=/some/dir bash benchmarks/device_run.sh onegpu    # 1 GPU: tests/test_gpu_one.py and the GPU kernel tests, then one2
 #   OUT=/some/dir bash benchmarks/device_run.sh cfg2      # 2 GPUs (CFG split, 2048) against the best single path,
 #                                                         # all compiled; beside it the compiled GPU test
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
@@ -23,7 +24,7 @@
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -187,9 +188,16 @@ cfg2)
     -m slow tests/test_gpu.py > "$OUT/t1.txt" 2>&1
   wait; cat "$OUT/n2.txt" "$OUT/t1.txt" >> "$L"; rm -f "$OUT"/n2.txt "$OUT"/t1.txt; mark cfg2_slowtest
   ;;
+onegpu)
+  # 1 GPU: the GPU tests one card can run, then the plain UNet and pcpp on one rank interleaved (as one2).
+  PYTHONPATH=$P timeout -k 5 "$(cap 300)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_one.py \
+    tests/test_kernels.py tests/test_gpu.py >> "$L" 2>&1; mark onegpu_tests
+  PYTHONPATH=$P timeout -k 5 "$(cap 450)" python3 benchmarks/one_gpu_interleaved.py --resolution 1024 \
+    --variants graph compile+graph --pairs 2 --out "$R/one_gpu_interleaved_1024.json" >> "$L" 2>&1; mark one2
+  ;;
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40
