@@ -63,11 +63,12 @@ _PRELOAD = ["torch", "torch.distributed", "diffusers", "pcpp"]
 
 
 def _process_context(backend: str) -> Any:
-    """Fresh processes for the ranks: forked from a server that has imported torch, diffusers and pcpp (no CUDA
-    context is made there, so NCCL ranks fork safely too); plain spawn where fork servers do not exist."""
+    """Fresh processes for the ranks: on gloo, forked from a server that has imported torch, diffusers and pcpp;
+    spawned for NCCL (importing them can initialise CUDA in the server, and CUDA does not survive a fork) and where
+    fork servers do not exist."""
     import multiprocessing
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    if backend == "nccl" or "forkserver" not in multiprocessing.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
