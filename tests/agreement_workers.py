@@ -50,7 +50,7 @@ def _unet(family: str) -> UNet2DConditionModel:
     return UNet2DConditionModel(**tiny_unet_config(family)).eval()
 
 
-def _loop(unet: torch.nn.Module, run: Run) -> Tensor:
+def _loop(unet: UNet2DConditionModel, run: Run) -> Tensor:
     """A DDIM loop with classifier-free guidance (batch 2): the initial latent from ``seed``, prompt embeddings
     from ``prompt``, SDXL's text embeddings from ``text_embeds``. Returns the final latent."""
     config = unet.config
@@ -86,7 +86,7 @@ def _comm(run: Run, world: int) -> Any:
 def loops(rank: int, world: int, runs: list[Run]) -> list[dict[str, Any]]:
     """Each run on a freshly converted exact UNet. A run whose ranks disagree reports the error (type, message);
     one whose ranks agree reports its output and the single-device output of this rank's inputs."""
-    results = []
+    results: list[dict[str, Any]] = []
     for run in runs:
         mine = _for_rank(run, rank)
         unet = _unet(run.family)
@@ -176,6 +176,6 @@ def fingerprint_cost(device: str, size: int, controlnet: bool, reps: int = 20) -
         if device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        pcpp.check_ranks_agree(Loopback(), arguments, pcpp.PCPPConfig(), image=0, step=0)  # type: ignore[arg-type]
+        pcpp.check_ranks_agree(Loopback(), arguments, pcpp.PCPPConfig(), image=0, step=0)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -32,7 +32,7 @@ class Case:
     fuse_qkv: bool = False  # diffusers' fuse_qkv_projections() before converting
 
 
-def build_unet(case: Case) -> torch.nn.Module:
+def build_unet(case: Case) -> UNet2DConditionModel | UNet2DModel:
     torch.manual_seed(case.seed)
     config = tiny_unet_config(case.family)
     model = UNet2DModel(**config) if case.family == "unet2d" else UNet2DConditionModel(**config)
@@ -41,7 +41,7 @@ def build_unet(case: Case) -> torch.nn.Module:
     return model.eval()
 
 
-def inputs(case: Case, unet: torch.nn.Module) -> tuple[Tensor, dict[str, Any]]:
+def inputs(case: Case, unet: UNet2DConditionModel | UNet2DModel) -> tuple[Tensor, dict[str, Any]]:
     """The initial latent and the conditioning kwargs of one UNet call (CFG batch included)."""
     gen = torch.Generator().manual_seed(case.seed + 1)
     channels = unet.config.in_channels
@@ -332,7 +332,9 @@ def graphs_vs_eager(rank: int, world: int, case: Case, compile_: bool) -> dict[s
             pcpp.convert(unet, comm=comm_for(case, world, "cuda"), detect_new_image=False, **case.convert)
         runner: Any = unet
         if variant not in ("eager", "plain_eager"):
-            runner = CUDAGraphUNet(torch.compile(unet) if variant.endswith("compiled") else unet)
+            # torch.compile of a module returns a module (an OptimizedModule); its annotation says only Callable.
+            compiled = cast(torch.nn.Module, torch.compile(unet)) if variant.endswith("compiled") else unet
+            runner = CUDAGraphUNet(compiled)
         x, kwargs = inputs(case, unet)
         x = x.to(device)
         kwargs = {

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 import pcpp
 
 
-def _loop(unet: torch.nn.Module, spec: dict[str, Any]) -> list[torch.Tensor]:
+def _loop(unet: UNet2DConditionModel, spec: dict[str, Any]) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(spec["seed"])
     config = unet.config
     x = torch.randn(spec["images"], config.in_channels, spec["height"], spec["width"], generator=gen)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -90,13 +92,16 @@ def fabric(args: argparse.Namespace) -> None:
         DiffusionModule,
         GroupLayout,
         PromptDataset,
+        PromptRecord,
         collate_records,
         parallelize_fn,
         predict_to_folder,
     )
 
     layout = GroupLayout(patch=args.patch, cfg=args.cfg)
-    strategy = ModelParallelStrategy(parallelize_fn, **layout.strategy_kwargs(args.devices))
+    # The two int sizes, unpacked: typed Any so that mypy does not match int against every keyword parameter.
+    sizes: dict[str, Any] = layout.strategy_kwargs(args.devices)
+    strategy = ModelParallelStrategy(parallelize_fn, **sizes)
     run = Fabric(accelerator="cpu", devices=args.devices, strategy=strategy)
     run.launch()
     module = DiffusionModule(layout)
@@ -104,7 +109,9 @@ def fabric(args: argparse.Namespace) -> None:
     recorder.wrap(module)
     wrapped = run.setup(module)
     loader = DataLoader(PromptDataset(_records(args.records)), batch_size=args.batch_size, collate_fn=collate_records)
-    predict_to_folder(wrapped, run.setup_dataloaders(loader, move_to_device=False), args.folder)
+    # One loader in, one (wrapped, not a DataLoader subclass) loader out, yielding collate_records' lists.
+    batches = cast(Iterable[list[PromptRecord]], run.setup_dataloaders(loader, move_to_device=False))
+    predict_to_folder(wrapped, batches, args.folder)
     _log(args, strategy.device_mesh, recorder.made)
 
 

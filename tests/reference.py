@@ -44,7 +44,7 @@ class MaskedSelfAttention(AttnProcessor2_0):
             w = width >> level
             self.masks[(height >> level) * w] = partial_mask(tuple(r >> level for r in rows), w, partial)
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         attn: Attention,
         hidden_states: Tensor,

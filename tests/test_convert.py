@@ -41,7 +41,7 @@ class FakeComm:
         raise AssertionError("FakeComm cannot communicate")
 
 
-def _unet(family: str = "tiny") -> nn.Module:
+def _unet(family: str = "tiny") -> UNet2DConditionModel | UNet2DModel:
     torch.manual_seed(0)
     config = tiny_unet_config(family)
     return (UNet2DModel(**config) if family == "unet2d" else UNet2DConditionModel(**config)).eval()
@@ -134,7 +134,7 @@ def test_bad_arguments_are_refused_before_anything_changes(kwargs: dict, match: 
 
 def test_parallel_groups_checks_its_cfg_group() -> None:
     with pytest.raises(pcpp.ConversionError, match="CFG group has 3 ranks"):
-        ParallelGroups(patch=LocalCommunicator(), cfg=FakeComm(3))  # type: ignore[arg-type]
+        ParallelGroups(patch=LocalCommunicator(), cfg=FakeComm(3))
     with pytest.raises(pcpp.ConversionError, match="is not a pcpp communicator"):
         ParallelGroups(patch=object())  # type: ignore[arg-type]
 
@@ -261,7 +261,7 @@ def test_phases_follow_warmup_steps() -> None:
 
 
 def test_layers_outside_a_step_explain_what_to_do() -> None:
-    ctx = pcpp.PatchContext(pcpp.PCPPConfig(warmup_steps=1), FakeComm(2), unit=1, levels=0)  # type: ignore[arg-type]
+    ctx = pcpp.PatchContext(pcpp.PCPPConfig(warmup_steps=1), FakeComm(2), unit=1, levels=0)
     conv = PartialPatchConv2d(2, 2, 3, padding=1, context=ctx)
     with pytest.raises(pcpp.PCPPError, match="before its context knew the latent's size"):
         conv(torch.zeros(1, 2, 4, 4))

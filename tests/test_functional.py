@@ -227,7 +227,7 @@ def conv_cases(draw: st.DrawFn, regime: str) -> dict[str, int]:
 
 def _conv_case(
     kernel: int, stride: int, dilation: int, pad_top: int, pad_bottom: int, parts: int, unit: int, height: int
-):
+) -> dict[str, int]:
     """A hand-written conv case (1 channel, 1 column, no width padding), for @example."""
     return {
         "kernel": kernel,
@@ -280,7 +280,7 @@ def _check_strip_convs(c: dict[str, int], seed: int) -> None:
     assert full.shape[2] >= 1  # by construction
 
     rows = partition_rows(c["height"], c["parts"], c["unit"])
-    strips = list(torch.split(x, rows, dim=2))
+    strips = list(torch.split(x, list(rows), dim=2))
     outs = []
     start = 0
     for i, r in enumerate(rows):
@@ -688,6 +688,7 @@ def test_group_norm_from_stats_low_precision(case: dict, dtype: torch.dtype) -> 
     x, weight, bias = _make(case, dtype)
     groups = case["groups"]
     if weight is not None:
+        assert bias is not None  # _make draws both or neither
         weight, bias = weight.to(dtype), bias.to(dtype)
     mean, var = merge_group_stats(_strip_stats(x, case["sizes"], groups))
     out = group_norm_from_stats(x, groups, mean, var, case["eps"], weight, bias)

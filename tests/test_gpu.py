@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import pytest
 import torch
 
@@ -15,7 +17,18 @@ def _gpus() -> int:
 
 
 FULL = {"warmup_steps": 2, "conditioning": pcpp.Conditioning.FULL}
-SDXL = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
+
+
+class _Sizes(TypedDict):
+    """The Case fields SDXL sets (typed, so that Case(**SDXL, ...) type-checks field by field)."""
+
+    family: str
+    height: int
+    width: int
+    steps: int
+
+
+SDXL: _Sizes = {"family": "sdxl", "height": 32, "width": 32, "steps": 8}
 
 
 @pytest.mark.multigpu

@@ -54,15 +54,17 @@ def test_two_torchrun_agents_over_loopback_equal_one_agent(tmp_path: Path) -> No
 
     multi = tmp_path / "two-agents.png"
     port = _free_port()
-    agents = []
+    agents: list[subprocess.Popen[bytes]] = []
     for node in (0, 1):
-        agent = [*torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
-        agent += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pcpp-test", "--local-addr", "127.0.0.1"]
+        command = [*torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+        command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pcpp-test", "--local-addr", "127.0.0.1"]
         # Both agents run on this machine: say which one hosts the rendezvous store instead of letting c10d guess.
-        agent += ["--rdzv-conf", f"is_host={int(node == 0)}"]
+        command += ["--rdzv-conf", f"is_host={int(node == 0)}"]
         log = (tmp_path / f"agent{node}.log").open("w")
         agents.append(
-            subprocess.Popen([*agent, *GENERATE, "--out", str(multi)], env=_env(), stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [*command, *GENERATE, "--out", str(multi)], env=_env(), stdout=log, stderr=subprocess.STDOUT
+            )
         )
     try:
         codes = [agent.wait(timeout=300) for agent in agents]
