@@ -20,6 +20,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _rows_for(dtype: torch.dtype, args: argparse.Namespace) -> list[dict[str, An
                 continue
             z = torch.randn(1, 4, rows_n, latent, device=device, dtype=dtype)
             with torch.no_grad():
-                ms, gib = _time(lambda z=z: plain(z), args.repeats)
+                ms, gib = _time(partial(plain, z), args.repeats)
                 row: dict[str, Any] = {
                     "dtype": str(dtype).removeprefix("torch."),
                     "size": size,
