@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
@@ -157,10 +158,14 @@ def two_images(rank: int, world: int, case: Case, other: Case) -> dict[str, Any]
 
 
 def one_rank_skips(rank: int, world: int, case: Case) -> str:
-    """Rank 1 never calls the UNet; rank 0 must fail with PeerTimeoutError, not hang."""
+    """Rank 1 never calls the UNet but stays in the group; rank 0 must fail with PeerTimeoutError, not hang.
+
+    (A rank that leaves the group instead closes its connections: that is PeerFailedError, tests/test_faults.py.)
+    """
     unet = build_unet(case)
     pcpp.convert(unet, timeout=timedelta(seconds=2), **case.convert)
     if rank == 1:
+        time.sleep(6)  # silent, but present, past rank 0's 2 s timeout
         return "skipped"
     x, kwargs = inputs(case, unet)
     try:

@@ -183,7 +183,7 @@ def ranks_disagree(rank: int, world: int, spec: Spec, what: str) -> str | None:
         try:
             pipe(**call.kwargs(spec))
         except pcpp.PCPPError as error:
-            return str(error)
+            return f"{type(error).__name__}: {error}"
         return None
 
 

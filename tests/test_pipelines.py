@@ -111,12 +111,15 @@ def test_lora_before_and_after_parallelize_matches_one_device(tmp_path: Path) ->
     _check_jobs(2, jobs)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the ranks-agree check")
-@pytest.mark.parametrize("what", ["seed", "prompt"])
-def test_ranks_given_different_inputs_are_refused(what: str) -> None:
-    """Each rank passes its own seed (or prompt): every rank raises a pcpp.PCPPError, no image comes back."""
+@pytest.mark.parametrize(("what", "differs"), [("seed", "latent"), ("prompt", "encoder_hidden_states")])
+def test_ranks_given_different_inputs_are_refused(what: str, differs: str) -> None:
+    """Each rank passes its own seed (or prompt): every rank raises RanksDisagreeError naming what differs, before
+    any image comes back."""
     messages = run_distributed(ranks_disagree, 2, Spec(), what)
-    assert all(message is not None for message in messages), messages
+    for message in messages:
+        assert message is not None, messages
+        assert message.startswith("RanksDisagreeError"), message
+        assert differs in message, message
 
 
 @pytest.mark.parametrize("return_dict", [True, False])
