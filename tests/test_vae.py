@@ -8,6 +8,8 @@ import torch
 import pcpp
 from pcpp.functional import partition_rows
 from pcpp.testing import run_distributed
+from pipeline_parts import Family, Spec, Task
+from pipeline_workers import Job, parallel, reference
 from vae_workers import bad_input, build_vae, decode, decode_reference, encode, encode_reference, latent
 
 # The parallel decode adds up the same terms in another order: GroupNorm statistics merged from strips (fp32,
@@ -92,3 +94,33 @@ def test_step_options_are_refused_for_a_vae() -> None:
     pcpp.convert(vae, comm=pcpp.comm.LocalCommunicator(), exact=True)
     with pytest.raises(pcpp.ConversionError, match="already converted"):
         pcpp.convert(vae, comm=pcpp.comm.LocalCommunicator())
+
+
+# As tests/test_pipelines.py: a pixel in [0, 1] after 3-4 exact steps and the decode, fp32 rounding only.
+PIXEL_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_with_parallel_vae_matches_one_device(world: int) -> None:
+    """``pcpp.parallelize(pipe, vae=VAEPlacement.PARALLEL, exact=True)``: SD- and SDXL-style text-to-image and
+    img2img (the encoder too) give the one-device images on every rank (3 ranks split the 16-row latent 6, 5, 5).
+    After asynchronous UNet steps, whose layers leave messages in flight for a next step on the communicator and
+    tags that the VAE's layers use too, the parallel decode gives what the whole decode gives after the same loop."""
+    parallel_vae = {"vae": pcpp.VAEPlacement.PARALLEL}
+    exact_jobs = [
+        Job(Spec(family, task), options=parallel_vae) for family in Family for task in (Task.TEXT, Task.IMG2IMG)
+    ]
+    asynchronous = {"exact": False, "warmup_steps": 1}
+    async_jobs = [
+        Job(Spec(Family.SD, Task.TEXT), options={**asynchronous, **parallel_vae}),
+        Job(Spec(Family.SD, Task.TEXT), options=asynchronous),
+    ]
+    per_rank = run_distributed(parallel, world, exact_jobs + async_jobs)
+    for index, job in enumerate(exact_jobs):
+        want = reference(job)
+        for rank in range(world):
+            for got, image in zip(per_rank[rank][index], want, strict=True):
+                torch.testing.assert_close(got, image, rtol=0.0, atol=PIXEL_ATOL)
+    for rank in range(world):
+        for got, image in zip(per_rank[rank][-2], per_rank[rank][-1], strict=True):
+            torch.testing.assert_close(got, image, rtol=0.0, atol=PIXEL_ATOL)
