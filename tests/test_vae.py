@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import pcpp
+import pcpp.pipeline
 from pcpp.functional import partition_rows
 from pcpp.testing import run_distributed
-from pipeline_parts import Family, Spec, Task
+from pipeline_parts import Family, Spec, Task, build_pipeline
 from pipeline_workers import Job, parallel, reference
 from vae_workers import bad_input, build_vae, decode, decode_reference, encode, encode_reference, latent
 
@@ -115,7 +118,12 @@ def test_pipeline_with_parallel_vae_matches_one_device(world: int) -> None:
         Job(Spec(Family.SD, Task.TEXT), options={**asynchronous, **parallel_vae}),
         Job(Spec(Family.SD, Task.TEXT), options=asynchronous),
     ]
-    per_rank = run_distributed(parallel, world, exact_jobs + async_jobs)
+    first_rank = Job(Spec(), options={**parallel_vae, "output": pcpp.OutputPlacement.FIRST_RANK})
+    per_rank = run_distributed(parallel, world, [*exact_jobs, first_rank, *async_jobs])
+    # FIRST_RANK: every rank takes part in the parallel decode; only the first returns the images.
+    want = reference(first_rank)
+    torch.testing.assert_close(per_rank[0][len(exact_jobs)][0], want[0], rtol=0.0, atol=PIXEL_ATOL)
+    assert all(per_rank[rank][len(exact_jobs)] == [[]] for rank in range(1, world))
     for index, job in enumerate(exact_jobs):
         want = reference(job)
         for rank in range(world):
@@ -124,3 +132,14 @@ def test_pipeline_with_parallel_vae_matches_one_device(world: int) -> None:
     for rank in range(world):
         for got, image in zip(per_rank[rank][-2], per_rank[rank][-1], strict=True):
             torch.testing.assert_close(got, image, rtol=0.0, atol=PIXEL_ATOL)
+
+
+def test_a_tiled_vae_is_refused_by_parallelize_before_anything_changes(tmp_path: Path) -> None:
+    """No process group is needed: the checks run before anything is converted."""
+    pipe = build_pipeline(Spec(), tmp_path)
+    pipe.vae.enable_tiling()
+    with pytest.raises(pcpp.ConversionError, match="disable_tiling"):
+        pcpp.parallelize(pipe, vae=pcpp.VAEPlacement.PARALLEL)
+    assert not pcpp.pipeline.is_parallelized(pipe)
+    assert not pcpp.is_converted(pipe.unet)
+    assert not pcpp.is_converted(pipe.vae)

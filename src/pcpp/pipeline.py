@@ -49,9 +49,10 @@ class VAEPlacement(enum.Enum):
     Attributes:
         WHOLE: every rank encodes (img2img, inpainting) and decodes the whole image itself, as on one device. VAE
             tiling (``pipe.vae.enable_tiling()``) is kept if the user enabled it.
-        PARALLEL: the VAE is converted with :func:`pcpp.convert` on the patch group: every rank encodes and decodes
-            its strip (exact; each rank holds about 1/N of the activations) and gets the whole image. Tiling is
-            refused. With ``OutputPlacement.FIRST_RANK`` every rank still takes part in the decode.
+        PARALLEL: the default. The VAE is converted with :func:`pcpp.convert` on the patch group: every rank
+            encodes and decodes its strip (exact; each rank holds about 1/N of the activations) and gets the whole
+            image. Tiling is refused. With ``OutputPlacement.FIRST_RANK`` every rank still takes part in the
+            decode.
     """
 
     WHOLE = "whole"
@@ -144,7 +145,7 @@ def parallelize(
     pipe: P,
     *,
     comm: CommLike = None,
-    vae: VAEPlacement = VAEPlacement.WHOLE,
+    vae: VAEPlacement = VAEPlacement.PARALLEL,
     output: OutputPlacement = OutputPlacement.ALL_RANKS,
     **convert_options: Any,
 ) -> P:
@@ -153,10 +154,10 @@ def parallelize(
     Every rank must call this on an identical pipeline, then call ``pipe(...)`` with identical arguments (prompt,
     generator seed, sizes, images): each rank denoises one horizontal strip of the latent, and every rank (or the
     first, see ``output``) gets the image of one device. Each call of ``pipe`` starts a new image (synchronous
-    warmup again). The UNet is converted by :func:`pcpp.convert`; a 2-D ``("cfg", "patch")`` mesh also splits
-    the classifier-free-guidance batch. The progress bar shows on the first rank only. LoRA weights may be loaded
-    (``load_lora_weights``, ``set_adapters``, ``fuse_lora``) before or after; the scheduler may be any diffusers
-    scheduler and may be swapped afterwards.
+    warmup again). The UNet (and, by default, the VAE) is converted by :func:`pcpp.convert`; a 2-D
+    ``("cfg", "patch")`` mesh also splits the classifier-free-guidance batch. The progress bar shows on the first
+    rank only. LoRA weights may be loaded (``load_lora_weights``, ``set_adapters``, ``fuse_lora``) before or after;
+    the scheduler may be any diffusers scheduler and may be swapped afterwards.
 
     Args:
         pipe: one of StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
@@ -171,7 +172,7 @@ def parallelize(
 
     Raises:
         ConversionError: ``pipe`` is not a supported pipeline or is already parallelised, an option is unknown or
-            invalid, or ``comm`` is unusable. Nothing is changed.
+            invalid, ``comm`` is unusable, or the VAE is tiled with ``VAEPlacement.PARALLEL``. Nothing is changed.
         UnsupportedModuleError: the UNet has modules pcpp cannot split. Nothing is changed.
 
     Example:
