@@ -116,7 +116,8 @@ def output_placement(rank: int, world: int, spec: Spec, return_dict: bool) -> di
             return original_decode(*args, **kwargs)
 
         pipe.vae.decode = counting_decode
-        pcpp.parallelize(pipe, exact=True, output=pcpp.OutputPlacement.FIRST_RANK)
+        # WHOLE: the other ranks skip the decode (a parallel decode needs every rank)
+        pcpp.parallelize(pipe, exact=True, vae=pcpp.VAEPlacement.WHOLE, output=pcpp.OutputPlacement.FIRST_RANK)
         out = pipe(**Call().kwargs(spec), return_dict=return_dict)
         images = out.images if return_dict else out[0]
         rest = list(vars(out).values())[1:] if return_dict else list(out[1:])

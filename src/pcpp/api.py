@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ from .hooks import UNetHooks
 from .layers import AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
 from .plan import plan_conversion, unet_levels
 from .stats import CommStats
+from .vae import convert_vae, is_vae, is_vae_converted, revert_vae
 
 __all__ = ["comm_stats", "configure", "convert", "get_context", "is_converted", "reset", "revert"]
 
@@ -49,6 +51,23 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _convert_vae(vae: M, comm: CommLike, timeout: timedelta, fused_norm: bool, given: dict[str, Any]) -> M:
+    """:func:`convert` for an ``AutoencoderKL``: exact, so the step-schedule options are refused if changed."""
+    defaults = {name: p.default for name, p in inspect.signature(convert).parameters.items()}
+    changed = sorted(name for name in _STEP_OPTIONS if given[name] != defaults[name])
+    if changed:
+        raise ConversionError(
+            f"pcpp.convert: {', '.join(changed)} do(es) not apply to a VAE: a decode is one pass, so every exchange "
+            "is synchronous (exact); pass only comm, timeout and fused_norm."
+        )
+    return convert_vae(vae, comm=comm, timeout=timeout, fused_norm=fused_norm)
+
+
+# exact is forced for a VAE (passing either value is fine); convert's options that schedule the denoising steps
+# (asynchronous exchanges) mean nothing for a one-pass VAE.
+_STEP_OPTIONS = ("partial", "warmup_steps", "conditioning", "detect_new_image", "exchange_batch")
+
+
 def convert(
     unet: M,
     *,
@@ -72,7 +91,10 @@ def convert(
     state-dict keys do not change. Cross-attention stays local.
 
     Args:
-        unet: a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL and fine-tunes) or ``UNet2DModel``.
+        unet: a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL and fine-tunes) or ``UNet2DModel``; or an
+            ``AutoencoderKL``, whose encoder and decoder then run on strips, always exact (see :mod:`pcpp.vae`:
+            only ``comm``, ``timeout`` and ``fused_norm`` apply; ``partial``, ``warmup_steps``, ``conditioning``,
+            ``detect_new_image`` and ``exchange_batch`` are refused if changed).
         comm: who splits the image. ``None``: the default process group. A ``ProcessGroup``; a ``DeviceMesh``, 1-D
             (patch ranks) or 2-D with dimensions ``("cfg", "patch")`` to also split the classifier-free-guidance
             batch in halves; a :class:`pcpp.comm.PatchCommunicator`; or :class:`pcpp.comm.ParallelGroups`.
@@ -100,6 +122,8 @@ def convert(
         >>> unet = pcpp.convert(pipe.unet, partial=0.3, warmup_steps=4)  # doctest: +SKIP
         >>> image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]  # doctest: +SKIP
     """
+    if is_vae(unet):
+        return _convert_vae(unet, comm, timeout, fused_norm, locals())
     config = PCPPConfig(
         partial=partial,
         warmup_steps=warmup_steps,
@@ -113,7 +137,7 @@ def convert(
     supported = _supported_unet_types()
     if not isinstance(unet, supported):
         raise ConversionError(
-            f"pcpp.convert expects a diffusers UNet ({', '.join(t.__name__ for t in supported)}), got "
+            f"pcpp.convert expects a diffusers UNet ({', '.join(t.__name__ for t in supported)}) or AutoencoderKL, got "
             f"{type(unet).__name__}; pass the pipeline's UNet, e.g. pcpp.convert(pipe.unet)."
         )
     if is_converted(unet):
@@ -169,7 +193,7 @@ def is_converted(module: nn.Module) -> bool:
         >>> pcpp.is_converted(torch.nn.Linear(1, 1))
         False
     """
-    return isinstance(getattr(module, _ATTR, None), _Conversion)
+    return isinstance(getattr(module, _ATTR, None), _Conversion) or is_vae_converted(module)
 
 
 def get_context(unet: nn.Module) -> PatchContext:
@@ -231,8 +255,8 @@ def configure(unet: nn.Module, **changes: Any) -> PCPPConfig:
 
 
 def revert(unet: M) -> M:
-    """Undo :func:`convert` (or :func:`pcpp.parallelize` for a pipeline): put the original modules back and remove
-    the hooks. Returns ``unet`` (or the pipeline).
+    """Undo :func:`convert` (of a UNet or a VAE; or :func:`pcpp.parallelize` for a pipeline): put the original
+    modules back and remove the hooks. Returns ``unet`` (or the pipeline).
 
     Waits for any exchange still in flight first.
 
@@ -243,6 +267,8 @@ def revert(unet: M) -> M:
 
     if is_parallelized(unet):
         return revert_pipeline(unet)
+    if is_vae(unet):
+        return revert_vae(unet)
     conversion = _conversion(unet, "revert")
     conversion.context.drain()
     conversion.hooks.remove()

@@ -24,8 +24,8 @@ class StepClock:
     Args:
         config: the validated settings (the phase of each step, new-image detection).
         world: number of strips (ranks of the patch group).
-        unit: every strip's height is a multiple of this (``2 ** levels``).
-        levels: number of stride-2 stages of the UNet.
+        unit: every strip's height is a multiple of this (``2 ** levels`` for a model that halves).
+        levels: signed number of 2x stages of the model (see :class:`~pcpp.geometry.Geometry`).
 
     Example:
         >>> import pcpp

@@ -26,8 +26,8 @@ class PatchContext:
     Args:
         config: the validated settings.
         patch: communicator of the strips of one image.
-        unit: every strip's height is a multiple of this (``2 ** levels``).
-        levels: number of stride-2 stages of the UNet.
+        unit: every strip's height is a multiple of this (``2 ** levels`` for a model that halves).
+        levels: signed number of 2x stages of the model (see :class:`~pcpp.geometry.Geometry`).
 
     Example:
         >>> import pcpp

@@ -1,4 +1,4 @@
-"""How one latent is cut into horizontal strips, at every downsampling level of the UNet."""
+"""How one latent is cut into horizontal strips, at every resolution level of the model that runs on it."""
 
 from __future__ import annotations
 
@@ -6,18 +6,33 @@ from dataclasses import dataclass
 
 from .errors import PCPPError
 
-__all__ = ["Geometry"]
+__all__ = ["Geometry", "scale_rows"]
+
+
+def scale_rows(rows: int, level: int) -> int:
+    """``rows`` at the input resolution, seen at ``level``: ``rows / 2**level`` (a negative level doubles).
+
+    Example:
+        >>> scale_rows(12, 2), scale_rows(3, -3)
+        (3, 24)
+    """
+    return rows >> level if level >= 0 else rows << -level
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """How one latent of ``height x width`` is cut into strips, at every downsampling level.
+    """How one input of ``height x width`` is cut into strips, at every resolution level of the model.
+
+    Level 0 is the input. One rule holds in both directions: at level ``l`` every size is the input's times
+    ``2**-l`` (:func:`scale_rows`). A UNet or a VAE encoder halves ``levels > 0`` times (levels ``0..levels``);
+    a VAE decoder doubles ``-levels`` times (levels ``0, -1, ..., levels``), so its latent strips of ``r`` rows
+    become ``2r, 4r, 8r`` rows on the way up.
 
     Attributes:
-        height: latent height at the UNet input.
-        width: latent width at the UNet input.
+        height: height at the input.
+        width: width at the input.
         rows: rows of each strip at the input level, top to bottom.
-        levels: number of stride-2 stages; strip heights halve at each.
+        levels: signed number of 2x stages: positive halve the strips at each stage, negative double them.
 
     Geometry is immutable once built and holds no caches: compiled code reads it, and Dynamo guards on what it
     reads, so state filled in during the first call would make the second call recompile (under CUDA-graph
@@ -29,50 +44,59 @@ class Geometry:
     rows: tuple[int, ...]
     levels: int
 
+    def level_range(self) -> range:
+        """Every level, from the input's (0) to the last stage's (``levels``)."""
+        return range(0, self.levels + 1) if self.levels >= 0 else range(0, self.levels - 1, -1)
+
     def level_of(self, rank: int, local_height: int) -> int:
         """The level at which ``rank``'s strip is ``local_height`` rows high.
 
         Raises:
-            PCPPError: no level matches (the activation is not one of the UNet's resolutions).
+            PCPPError: no level matches (the activation is not one of the model's resolutions).
         """
         base = self.rows[rank]
-        for level in range(self.levels + 1):
-            if base >> level == local_height and (base >> level) << level == base:
+        for level in self.level_range():
+            if scale_rows(base, level) == local_height and scale_rows(local_height, -level) == base:
                 return level
         raise PCPPError(
             f"an activation of height {local_height} on rank {rank} matches no level of the strip ({base} rows at "
-            f"the input, halving {self.levels} times); a module changed the height in a way pcpp does not model."
+            f"the input, {self._stages()}); a module changed the height in a way pcpp does not model."
         )
 
     def strip_rows(self, level: int) -> tuple[int, ...]:
         """Rows of every strip at ``level``."""
-        return tuple(r >> level for r in self.rows)
+        return tuple(scale_rows(r, level) for r in self.rows)
 
     def strip_start(self, rank: int, level: int) -> int:
         """First row of ``rank``'s strip at ``level``."""
-        return sum(self.rows[:rank]) >> level
+        return scale_rows(sum(self.rows[:rank]), level)
 
     def level_height(self, level: int) -> int:
         """Global height at ``level``."""
-        return self.height >> level
+        return scale_rows(self.height, level)
 
     def level_of_tokens(self, rank: int, tokens: int) -> tuple[int, int]:
         """The ``(level, width)`` at which ``rank``'s strip has ``tokens`` row-major tokens.
 
-        Strips span the whole width, and every stride-2 stage halves the width rounding down or up, so the width
-        at ``level`` lies between ``floor`` and ``ceil`` of ``width / 2**level``: pure arithmetic on the token
-        count, with nothing remembered from earlier layers (see the class docstring).
+        Strips span the whole width, and every stride-2 stage halves the width rounding down or up (every 2x
+        upsampling doubles it), so the width at ``level`` lies between ``floor`` and ``ceil`` of
+        ``width / 2**level``: pure arithmetic on the token count, with nothing remembered from earlier layers
+        (see the class docstring).
 
         Raises:
             PCPPError: no level's strip area matches.
         """
-        for level in range(self.levels + 1):
-            rows = self.rows[rank] >> level
+        for level in self.level_range():
+            rows = scale_rows(self.rows[rank], level)
             width, rest = divmod(tokens, rows)
-            if not rest and self.width >> level <= width <= -(-self.width >> level):
+            low, high = (self.width >> level, -(-self.width >> level)) if level >= 0 else (self.width << -level,) * 2
+            if not rest and low <= width <= high:
                 return level, width
         raise PCPPError(
             f"self-attention over {tokens} tokens on rank {rank} matches no level of its strip ({self.rows[rank]} "
-            f"rows x {self.width} columns at the input, both halving {self.levels} times); a module changed the "
+            f"rows x {self.width} columns at the input, both {self._stages()}); a module changed the "
             "resolution in a way pcpp does not model. Pass (B, C, H, W) maps to the attention instead."
         )
+
+    def _stages(self) -> str:
+        return f"halving {self.levels} times" if self.levels >= 0 else f"doubling {-self.levels} times"

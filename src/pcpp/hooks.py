@@ -20,7 +20,7 @@ from .exchange import Transfer, is_capturing
 from .geometry import Geometry
 from .stats import LayerKind
 
-__all__ = ["UNetHooks", "map_tensors"]
+__all__ = ["UNetHooks", "gather_rows", "map_tensors"]
 
 # Inputs laid out like the latent (B, C, h, w) at some UNet level: ControlNet and T2I-Adapter residuals. Each
 # rank keeps its own rows of them, as of the sample itself (which the entry conv slices).
@@ -121,7 +121,7 @@ class UNetHooks:
             if ctx.patch.world_size > 1:
                 geo = ctx.geometry
                 assert geo is not None
-                full = _gather_rows(full, ctx.patch, geo, ctx)
+                full = gather_rows(full, ctx.patch, geo.rows, ctx)
             if self.groups.cfg_split:
                 cfg = self.groups.cfg
                 assert cfg is not None
@@ -169,8 +169,11 @@ def _own_rows(t: Tensor, geo: Geometry, rank: int) -> Tensor:
     )
 
 
-def _gather_rows(strip: Tensor, comm: PatchCommunicator, geo: Geometry, ctx: PatchContext) -> Tensor:
-    rows = geo.rows
+def gather_rows(strip: Tensor, comm: PatchCommunicator, rows: tuple[int, ...], ctx: PatchContext) -> Tensor:
+    """Every rank's strip of an output, ``rows[j]`` rows on rank ``j``, joined top to bottom on every rank.
+
+    One all-gather over ``comm`` (strips padded to the tallest), counted as :attr:`LayerKind.OUTPUT`.
+    """
     tallest = max(rows)
     padded = F.pad(strip, (0, 0, 0, tallest - strip.shape[2])) if strip.shape[2] < tallest else strip
     out = torch.empty((comm.world_size * padded.shape[0], *padded.shape[1:]), dtype=strip.dtype, device=strip.device)

@@ -1,9 +1,10 @@
 """Whole diffusers pipelines: ``pcpp.parallelize(pipe)`` converts what runs per step and keeps ``pipe(...)`` as is.
 
 Every rank builds the same pipeline, calls :func:`parallelize` on it and then calls ``pipe(...)`` with the same
-inputs (prompt, seed, sizes, images). The UNet is converted with :func:`pcpp.convert`; the text encoders, the
-ControlNet(s), the scheduler and the VAE run whole on every rank, on identical inputs, so they agree without
-communication. The ControlNet residuals are cut to each rank's rows by the converted UNet.
+inputs (prompt, seed, sizes, images). The UNet is converted with :func:`pcpp.convert`; so is the VAE with
+``vae=VAEPlacement.PARALLEL`` (its encoder and decoder then run on strips, exact). The text encoders, the
+ControlNet(s), the scheduler (and the VAE with ``VAEPlacement.WHOLE``) run whole on every rank, on identical inputs,
+so they agree without communication. The ControlNet residuals are cut to each rank's rows by the converted UNet.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ class VAEPlacement(enum.Enum):
     Attributes:
         WHOLE: every rank encodes (img2img, inpainting) and decodes the whole image itself, as on one device. VAE
             tiling (``pipe.vae.enable_tiling()``) is kept if the user enabled it.
+        PARALLEL: the default. The VAE is converted with :func:`pcpp.convert` on the patch group: every rank
+            encodes and decodes its strip (exact; each rank holds about 1/N of the activations) and gets the whole
+            image. Tiling is refused. With ``OutputPlacement.FIRST_RANK`` every rank still takes part in the
+            decode.
     """
 
     WHOLE = "whole"
+    PARALLEL = "parallel"
 
 
 class OutputPlacement(enum.Enum):
@@ -111,6 +117,23 @@ def _check(pipe: Any, vae: VAEPlacement, output: OutputPlacement, convert_option
             f"pcpp.parallelize: unknown option(s) {unknown}; it passes pcpp.convert's options "
             f"{sorted(_convert_option_names())}."
         )
+    if vae is VAEPlacement.PARALLEL:
+        from .vae import is_vae
+
+        if not is_vae(getattr(pipe, "vae", None)):
+            raise ConversionError(
+                f"vae=VAEPlacement.PARALLEL splits a diffusers AutoencoderKL; this {name}'s VAE is "
+                f"{type(getattr(pipe, 'vae', None)).__name__}: use VAEPlacement.WHOLE."
+            )
+        if is_converted(pipe.vae):
+            raise ConversionError(
+                f"the VAE of this {name} was already converted with pcpp.convert; call pcpp.revert(pipe.vae) first."
+            )
+        if getattr(pipe.vae, "use_tiling", False):
+            raise ConversionError(
+                "vae=VAEPlacement.PARALLEL does not tile (the strips replace the tiles): call "
+                "pipe.vae.disable_tiling(), or use VAEPlacement.WHOLE to keep tiling."
+            )
     if is_converted(pipe.unet):
         raise ConversionError(
             f"the UNet of this {name} was already converted with pcpp.convert; call pcpp.revert(pipe.unet) first, "
@@ -122,7 +145,7 @@ def parallelize(
     pipe: P,
     *,
     comm: CommLike = None,
-    vae: VAEPlacement = VAEPlacement.WHOLE,
+    vae: VAEPlacement = VAEPlacement.PARALLEL,
     output: OutputPlacement = OutputPlacement.ALL_RANKS,
     **convert_options: Any,
 ) -> P:
@@ -131,10 +154,10 @@ def parallelize(
     Every rank must call this on an identical pipeline, then call ``pipe(...)`` with identical arguments (prompt,
     generator seed, sizes, images): each rank denoises one horizontal strip of the latent, and every rank (or the
     first, see ``output``) gets the image of one device. Each call of ``pipe`` starts a new image (synchronous
-    warmup again). The UNet is converted by :func:`pcpp.convert`; a 2-D ``("cfg", "patch")`` mesh also splits
-    the classifier-free-guidance batch. The progress bar shows on the first rank only. LoRA weights may be loaded
-    (``load_lora_weights``, ``set_adapters``, ``fuse_lora``) before or after; the scheduler may be any diffusers
-    scheduler and may be swapped afterwards.
+    warmup again). The UNet (and, by default, the VAE) is converted by :func:`pcpp.convert`; a 2-D
+    ``("cfg", "patch")`` mesh also splits the classifier-free-guidance batch. The progress bar shows on the first
+    rank only. LoRA weights may be loaded (``load_lora_weights``, ``set_adapters``, ``fuse_lora``) before or after;
+    the scheduler may be any diffusers scheduler and may be swapped afterwards.
 
     Args:
         pipe: one of StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
@@ -149,7 +172,7 @@ def parallelize(
 
     Raises:
         ConversionError: ``pipe`` is not a supported pipeline or is already parallelised, an option is unknown or
-            invalid, or ``comm`` is unusable. Nothing is changed.
+            invalid, ``comm`` is unusable, or the VAE is tiled with ``VAEPlacement.PARALLEL``. Nothing is changed.
         UnsupportedModuleError: the UNet has modules pcpp cannot split. Nothing is changed.
 
     Example:
@@ -166,6 +189,17 @@ def parallelize(
     groups = resolve_groups(comm)
     first = groups.patch.rank == 0 and (groups.cfg is None or groups.cfg.rank == 0)
     convert(pipe.unet, comm=groups, **convert_options)  # type: ignore[attr-defined]
+    if vae is VAEPlacement.PARALLEL:
+        vae_options = {k: v for k, v in convert_options.items() if k in ("timeout", "fused_norm")}
+        try:
+            # The VAE shares the UNet's communicator and message tags. After asynchronous steps the UNet's layers
+            # have messages in flight for a step that never comes, but every pair of ranks posted them both ways,
+            # and messages between two ranks with one tag are matched in posting order: they meet each other, not
+            # the VAE's (tests/test_vae.py checks it).
+            convert(pipe.vae, comm=groups.patch, **vae_options)  # type: ignore[attr-defined]
+        except BaseException:
+            revert(pipe.unet)  # type: ignore[attr-defined]
+            raise
     # Nothing below can fail: the checks and the conversion are done.
     progress_bar = dict(getattr(pipe, "_progress_bar_config", None) or {})
     # A bar the user turned off stays off; otherwise it shows on the first rank only.
@@ -174,7 +208,7 @@ def parallelize(
     state = _Parallelized(type(pipe), progress_bar, vae, output, first)
     pipe.__class__ = _parallel_class(type(pipe))
     setattr(pipe, _ATTR, state)
-    if getattr(pipe.vae, "use_tiling", False):  # type: ignore[attr-defined]
+    if vae is VAEPlacement.WHOLE and getattr(pipe.vae, "use_tiling", False):  # type: ignore[attr-defined]
         logger.info("pcpp: the VAE of this pipeline is tiled (the user's choice); every rank decodes all tiles")
     logger.info(
         "pcpp: parallelised %s (vae %s, output %s); this rank is %sthe first",
@@ -198,7 +232,8 @@ def is_parallelized(pipe: Any) -> bool:
 
 
 def revert_pipeline(pipe: P) -> P:
-    """Undo :func:`parallelize`: revert the UNet, restore the progress bar settings and the pipeline's class.
+    """Undo :func:`parallelize`: revert the UNet (and the VAE if it was converted), restore the progress bar
+    settings and the pipeline's class.
 
     A LoRA loaded after :func:`parallelize` stays loaded on the modules it was loaded into; unload it
     (``pipe.unload_lora_weights()``) before reverting, as converted self-attention modules are replaced by the
@@ -221,6 +256,8 @@ def revert_pipeline(pipe: P) -> P:
     unet = pipe.unet  # type: ignore[attr-defined]
     if is_converted(unet):
         revert(unet)
+    if state.vae is VAEPlacement.PARALLEL and is_converted(pipe.vae):  # type: ignore[attr-defined]
+        revert(pipe.vae)  # type: ignore[attr-defined]
     pipe.set_progress_bar_config(**state.progress_bar)  # type: ignore[attr-defined]
     pipe.__class__ = state.original_class
     delattr(pipe, _ATTR)
@@ -242,8 +279,9 @@ def _parallel_class(cls: type) -> type:
         if state.first or state.output is OutputPlacement.ALL_RANKS:
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
-        bound.arguments["output_type"] = "latent"  # the loop runs on every rank; the decode only on the first
-        result = original(*bound.args, **bound.kwargs)
+        if state.vae is VAEPlacement.WHOLE:
+            bound.arguments["output_type"] = "latent"  # the loop runs on every rank; the decode only on the first
+        result = original(*bound.args, **bound.kwargs)  # a parallel decode needs every rank, so it runs here too
         if isinstance(result, tuple):
             return ([], *(None for _ in result[1:]))
         return dataclasses.replace(
