@@ -111,8 +111,7 @@ def split_reason(module: nn.Module) -> str | None:
             # to_k/to_v of the image tokens unless only_cross_attention=True; is_cross_attention is True all the same.
             return (
                 f"attention with added key/value projections (added_kv_proj_dim, processor {processor}) attends over "
-                "the image tokens as well as the text ones although diffusers marks it as cross-attention; pcpp "
-                "does not split it (only_cross_attention=True would make it pure cross-attention)"
+                "the image tokens as well as the text ones although diffusers marks it as cross-attention"
             )
     return None
 
