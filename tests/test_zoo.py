@@ -111,7 +111,7 @@ def test_a_plan_that_skips_a_row_mixing_module_is_refused() -> None:
         audit_conversion(unet, [n for n in converted if n != "conv_out"])
 
 
-def test_added_kv_attention_is_refused_unless_only_cross_attention() -> None:
+def test_added_kv_attention_must_be_split_unless_only_cross_attention() -> None:
     from zoo import _kandinsky
 
     torch.manual_seed(0)

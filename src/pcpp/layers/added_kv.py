@@ -80,7 +80,9 @@ class AddedKVAttention(PartialPatchAttention):
                 input is not a map.
         """
         if self.port.world_size == 1:
-            return Attention.forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+            return Attention.forward(
+                self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs
+            )
         if attention_mask is not None or encoder_hidden_states is None or hidden_states.ndim != 4:
             raise PCPPError(
                 f"{self.pcpp_name}: added-K/V attention on strips needs a (B, C, H, W) map, text tokens "

@@ -331,13 +331,13 @@ def check_supported(attn: Attention, name: str) -> None:
     Raises:
         ConversionError: naming the module and what makes it unsupported.
     """
-    if attn.is_cross_attention:
-        raise ConversionError(f"{name} is cross-attention; it needs no splitting and must stay as it is.")
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         raise ConversionError(
             f"{name} ({type(attn).__name__}) has added key/value projections (added_kv_proj_dim): it is split by "
             "pcpp.layers.added_kv.AddedKVAttention, not by PartialPatchAttention."
         )
+    if attn.is_cross_attention:
+        raise ConversionError(f"{name} is cross-attention; it needs no splitting and must stay as it is.")
     processor = attn.processor
     if type(processor) not in SUPPORTED_PROCESSORS:
         raise ConversionError(
