@@ -433,8 +433,6 @@ ZOO: dict[str, ZooModel] = {
             "sd-freeu",
             "test_pipelines_common.py (SDFunctionTesterMixin)",
             _seeded(sd_freeu),
-            expect=Expect.REFUSED,
-            refusal="unet.disable_freeu()",
             fast=True,
         ),
         ZooModel(

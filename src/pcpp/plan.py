@@ -16,6 +16,7 @@ from .layers import AddedKVAttention, AsyncGroupNorm, PartialPatchAttention, Par
 from .layers.added_kv import check_added_kv_supported
 from .layers.attention import check_supported
 from .layers.conv import split_padding
+from .layers.freeu import applies_freeu, exact_freeu_block
 
 __all__ = ["Replacement", "plan_conversion", "unet_levels"]
 
@@ -122,6 +123,11 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
         if not name or not runs_on_latent(unet, name):
             continue  # embedding and hint paths, text norms: they never see the latent, so they stay whole
         parent_name, _, child_name = name.rpartition(".")
+        if applies_freeu(module):
+            # FreeU's Fourier filter runs inside the block's forward, on the whole skip map (whether or not FreeU is
+            # on now: it may be switched on after conversion).
+            plan.append(Replacement(name, partial(exact_freeu_block, name=name)))
+            continue
         if isinstance(module, nn.Conv2d):
             entry = name == ENTRY_CONV
             if entry or module.kernel_size[0] > 1 or module.stride[0] > 1:
