@@ -49,3 +49,34 @@ def added_kv_staleness(rank: int, world: int, height: int, partial: float, full:
     ctx.exchange.drain()  # the last step's exchange is in flight: finish it before this process leaves
     assert ctx.geometry is not None
     return {"outs": outs, "frames": frames, "text": text, "rows": ctx.geometry.rows}
+
+
+def freeu_after_conversion(rank: int, world: int, uneven: bool) -> dict[str, Any]:
+    """The SD dummy UNet converted with FreeU off, FreeU switched on afterwards; the zoo's DDIM loop with FreeU on,
+    single-device and converted, then the FreeU traffic per step and whether FreeU is still on after revert."""
+    from datetime import timedelta
+
+    from pcpp.audit import freeu_enabled
+    from zoo import ZOO
+    from zoo_workers import _loop, height_for
+
+    model = ZOO["sd-freeu"]  # the SD dummy with FreeU (s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    unet = model.build()
+    height = height_for(unet, world, uneven)
+    reference = _loop(model, unet, height)
+    unet.disable_freeu()
+    without = _loop(model, unet, height)
+    pcpp.convert(unet, comm=torch.distributed.group.WORLD, exact=True, timeout=timedelta(seconds=30))
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    parallel = _loop(model, unet, height)
+    steps = pcpp.get_context(unet).stats.steps
+    freeu_bytes = [s.by_kind[pcpp.LayerKind.FREEU].sent if pcpp.LayerKind.FREEU in s.by_kind else 0 for s in steps]
+    pcpp.revert(unet)
+    return {
+        "reference": reference,
+        "without": without,
+        "parallel": parallel,
+        "freeu_sent": freeu_bytes,
+        "on_after_revert": freeu_enabled(unet),
+        "height": height,
+    }

@@ -39,6 +39,7 @@ SIDE_PATHS = frozenset(
     }
 )
 
+
 def runs_on_latent(unet: nn.Module, name: str) -> bool:
     """Whether submodule ``name`` of ``unet`` runs on the latent (or an activation computed from it).
 
@@ -56,7 +57,8 @@ def runs_on_latent(unet: nn.Module, name: str) -> bool:
 
     Example:
         >>> from diffusers import UNet2DModel
-        >>> unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8)
+        >>> blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        >>> unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8, **blocks)
         >>> runs_on_latent(unet, "time_embedding.linear_1"), runs_on_latent(unet, "conv_in")
         (False, True)
     """
@@ -120,13 +122,12 @@ def freeu_enabled(unet: nn.Module) -> bool:
 
     Example:
         >>> from diffusers import UNet2DModel
-        >>> freeu_enabled(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8))
+        >>> blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        >>> freeu_enabled(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8, **blocks))
         False
     """
-    for block in getattr(unet, "up_blocks", None) or ():
-        if all(getattr(block, key, None) for key in FREEU_KEYS):
-            return True
-    return False
+    blocks = getattr(unet, "up_blocks", None) or ()
+    return any(all(getattr(block, key, None) for key in FREEU_KEYS) for block in blocks)
 
 
 _FREEU_WHY = (

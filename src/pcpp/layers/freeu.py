@@ -116,7 +116,9 @@ class _ExactFreeU(PatchLayer):
     b1 = _freeu_setting("b1")
     b2 = _freeu_setting("b2")
 
-    def forward(self, hidden_states: Tensor, res_hidden_states_tuple: tuple[Tensor, ...], *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self, hidden_states: Tensor, res_hidden_states_tuple: tuple[Tensor, ...], *args: Any, **kwargs: Any
+    ) -> Any:
         """As the diffusers block, with the skip tensors prefiltered while FreeU is on (more than one rank)."""
         if self.port.world_size > 1 and all(getattr(self, key) for key in FREEU_KEYS):
             scale = float(self.s1 if self.resolution_idx == 0 else self.s2)
