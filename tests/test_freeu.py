@@ -14,7 +14,7 @@ import pcpp
 from layer_workers_extra import freeu_after_conversion
 from pcpp.audit import audit_conversion, check_call
 from pcpp.errors import PCPPError, UnsupportedModuleError
-from pcpp.layers.freeu import strip_prefilter
+from pcpp.layers.freeu import freeu_multiplier, strip_prefilter
 from pcpp.plan import plan_conversion
 from pcpp.testing import run_distributed
 from zoo import sd
@@ -42,7 +42,10 @@ def test_the_prefilter_undoes_diffusers_filter(height: int, width: int, scale: f
     target = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     # fp32 FFT round trip; the prefilter amplifies some frequencies by up to 1 / |scale| (here 5).
     torch.testing.assert_close(
-        fourier_filter(strip_prefilter(target, scale, "b"), threshold=1, scale=scale), target, atol=1e-5, rtol=1e-5
+        fourier_filter(strip_prefilter(target, freeu_multiplier(height, width, scale, "b")), threshold=1, scale=scale),
+        target,
+        atol=1e-5,
+        rtol=1e-5,
     )
     # Filtering with 1 / scale does not undo it (the real part spreads the mask over conjugate frequencies).
     if scale != 1.0:
@@ -52,7 +55,7 @@ def test_the_prefilter_undoes_diffusers_filter(height: int, width: int, scale: f
 @pytest.mark.parametrize("scale", [1e-3, -0.999])
 def test_a_scale_that_nearly_removes_a_frequency_is_refused(scale: float) -> None:
     with pytest.raises(PCPPError, match=r"up_blocks\.1: FreeU scale"):
-        strip_prefilter(torch.randn(1, 2, 4, 6), scale, "up_blocks.1")
+        freeu_multiplier(4, 6, scale, "up_blocks.1")
 
 
 def test_a_plan_that_leaves_a_freeu_block_unconverted_is_refused() -> None:

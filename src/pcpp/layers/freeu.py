@@ -23,6 +23,7 @@ __all__ = [
     "FreeUUpBlock2D",
     "applies_freeu",
     "exact_freeu_block",
+    "freeu_multiplier",
     "is_exact_freeu",
     "strip_prefilter",
 ]
@@ -43,35 +44,29 @@ def applies_freeu(module: nn.Module) -> bool:
     return isinstance(module, FREEU_BLOCKS) and getattr(module, "resolution_idx", None) in (0, 1)
 
 
-def strip_prefilter(target: Tensor, scale: float, where: str) -> Tensor:
-    """The tensor ``r`` with ``fourier_filter(r, threshold=1, scale=scale) == target`` (up to rounding).
+def freeu_multiplier(height: int, width: int, scale: float, where: str) -> Tensor:
+    """The factor by which diffusers' ``fourier_filter(x, threshold=1, scale=scale)`` multiplies each frequency of
+    a ``height x width`` map (complex64, on the CPU).
 
-    diffusers' ``fourier_filter`` is linear and shift-invariant (a mask on the centred spectrum, then the real part
-    of the inverse transform), so it multiplies each frequency of the map by a fixed factor: the transform of its
-    response to a unit impulse. Dividing ``target``'s spectrum by those factors undoes it. (Filtering with scale
-    ``1 / scale`` does not: taking the real part spreads the mask over the conjugate frequencies, whose factor is
-    ``(1 + scale) / 2``.)
+    The filter is linear and shift-invariant (a mask on the centred spectrum, then the real part of the inverse
+    transform), so it multiplies each frequency by a fixed factor: the transform of its response to a unit impulse.
+    (Its inverse is therefore not the filter with scale ``1 / scale``: taking the real part spreads the mask over the
+    conjugate frequencies, whose factor is ``(1 + scale) / 2``.)
 
     Args:
-        target: ``(B, C, h, w)`` what the filter must output.
+        height: the map's height.
+        width: the map's width.
         scale: the filter's scale (FreeU's ``s1`` or ``s2``).
         where: the block, for the error message.
 
     Returns:
-        ``r``, of ``target``'s shape and dtype (computed in fp32, as ``fourier_filter`` computes).
+        ``(1, 1, height, width)`` factors.
 
     Raises:
-        PCPPError: the filter nearly removes a frequency (``scale`` or ``(1 + scale) / 2`` below 0.01 in size), so
-            it cannot be undone precisely.
-
-    Example:
-        >>> t = torch.randn(1, 2, 3, 5)
-        >>> r = strip_prefilter(t, 0.2, "up_blocks.0")
-        >>> torch.allclose(fourier_filter(r, threshold=1, scale=0.2), t, atol=1e-5)
-        True
+        PCPPError: a factor is below 0.01 in size (``scale`` or ``(1 + scale) / 2`` near 0), so the filter cannot
+            be undone precisely.
     """
-    height, width = target.shape[-2:]
-    impulse = torch.zeros((1, 1, height, width), dtype=torch.float32, device=target.device)
+    impulse = torch.zeros((1, 1, height, width), dtype=torch.float32)
     impulse[..., 0, 0] = 1.0
     multiplier = torch.fft.fft2(fourier_filter(impulse, threshold=1, scale=scale))
     if float(multiplier.abs().min()) < _SMALLEST_MULTIPLIER:
@@ -80,6 +75,26 @@ def strip_prefilter(target: Tensor, scale: float, where: str) -> Tensor:
             f"{_SMALLEST_MULTIPLIER}, which pcpp cannot undo precisely on a strip; use a scale further from 0 and -1, "
             "or disable FreeU."
         )
+    return multiplier
+
+
+def strip_prefilter(target: Tensor, multiplier: Tensor) -> Tensor:
+    """The tensor ``r`` with ``fourier_filter(r, threshold=1, scale=s) == target`` (up to rounding), given the
+    filter's :func:`freeu_multiplier`: ``target``'s spectrum divided by it.
+
+    Args:
+        target: ``(B, C, h, w)`` what the filter must output.
+        multiplier: ``freeu_multiplier(h, w, s, ...)`` on ``target``'s device.
+
+    Returns:
+        ``r``, of ``target``'s shape and dtype (computed in fp32, as ``fourier_filter`` computes).
+
+    Example:
+        >>> t = torch.randn(1, 2, 3, 5)
+        >>> r = strip_prefilter(t, freeu_multiplier(3, 5, 0.2, "up_blocks.0"))
+        >>> torch.allclose(fourier_filter(r, threshold=1, scale=0.2), t, atol=1e-5)
+        True
+    """
     spectrum = torch.fft.fft2(target.to(torch.float32)) / multiplier
     return torch.fft.ifft2(spectrum).real.to(target.dtype)
 
@@ -144,7 +159,16 @@ class _ExactFreeU(PatchLayer):
         whole = torch.cat([gathered[j * batch : (j + 1) * batch, :, : rows[j]] for j in range(world)], dim=2)
         start = geo.strip_start(rank, level)
         target = fourier_filter(whole, threshold=1, scale=scale)[:, :, start : start + rows[rank]]
-        return strip_prefilter(target, scale, self.pcpp_name)
+        return strip_prefilter(target, self._multiplier(target.shape[2], target.shape[3], scale, target.device))
+
+    def _multiplier(self, height: int, width: int, scale: float, device: torch.device) -> Tensor:
+        # Kept per shape and scale: computed (with a host check) in an eager step, so a CUDA-graph capture of a
+        # later step finds it and never synchronises.
+        cache: dict[tuple[int, int, float, torch.device], Tensor] = self.__dict__["_pcpp_multipliers"]
+        key = (height, width, scale, device)
+        if key not in cache:
+            cache[key] = freeu_multiplier(height, width, scale, self.pcpp_name).to(device)
+        return cache[key]
 
 
 class FreeUUpBlock2D(_ExactFreeU, UpBlock2D):
@@ -186,5 +210,6 @@ def exact_freeu_block(block: nn.Module, context: PatchContext, *, name: str = ""
     for key in FREEU_KEYS:
         new.__dict__.pop(key, None)  # the settings live on the original (the properties above)
     new.__dict__["_pcpp_original"] = block  # not a child module: kept out of the module tree and the state dict
+    new.__dict__["_pcpp_multipliers"] = {}
     new.attach(context, name, LayerKind.FREEU)
     return new  # type: ignore[return-value]
