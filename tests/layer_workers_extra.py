@@ -51,9 +51,10 @@ def added_kv_staleness(rank: int, world: int, height: int, partial: float, full:
     return {"outs": outs, "frames": frames, "text": text, "rows": ctx.geometry.rows}
 
 
-def freeu_after_conversion(rank: int, world: int, uneven: bool) -> dict[str, Any]:
+def freeu_after_conversion(rank: int, world: int, uneven: bool, exact: bool = True) -> dict[str, Any]:
     """The SD dummy UNet converted with FreeU off, FreeU switched on afterwards; the zoo's DDIM loop with FreeU on,
-    single-device and converted, then the FreeU traffic per step and whether FreeU is still on after revert."""
+    single-device and converted (in exact mode, or with one synchronous step and PARTIAL asynchronous steps after),
+    then the FreeU traffic per step and whether FreeU is still on after revert."""
     from datetime import timedelta
 
     from pcpp.audit import freeu_enabled
@@ -66,7 +67,8 @@ def freeu_after_conversion(rank: int, world: int, uneven: bool) -> dict[str, Any
     reference = _loop(model, unet, height)
     unet.disable_freeu()
     without = _loop(model, unet, height)
-    pcpp.convert(unet, comm=torch.distributed.group.WORLD, exact=True, timeout=timedelta(seconds=30))
+    mode: dict[str, Any] = {"exact": True} if exact else {"warmup_steps": 1, "partial": 0.5}
+    pcpp.convert(unet, comm=torch.distributed.group.WORLD, timeout=timedelta(seconds=30), **mode)
     unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     parallel = _loop(model, unet, height)
     steps = pcpp.get_context(unet).stats.steps

@@ -36,6 +36,16 @@ def test_freeu_switched_on_after_conversion_is_exact(world: int, uneven: bool) -
         assert result["on_after_revert"]  # the settings live on the original blocks
 
 
+def test_freeu_in_asynchronous_steps_is_gathered_fresh() -> None:
+    """With one synchronous step and PARTIAL asynchronous ones, the first UNet call is exact, the later ones finite,
+    and FreeU's own gather runs (synchronously) in every step."""
+    for rank, result in enumerate(run_distributed(freeu_after_conversion, 2, False, False, timeout=300)):
+        first, want = result["parallel"][0], result["reference"][0]
+        torch.testing.assert_close(first, want, atol=ATOL, rtol=RTOL, msg=f"rank {rank}, synchronous step")
+        assert all(torch.isfinite(got).all() for got in result["parallel"][1:])
+        assert all(b > 0 for b in result["freeu_sent"])  # gathered in every step, asynchronous ones included
+
+
 @pytest.mark.parametrize(("height", "width"), [(4, 12), (3, 12), (2, 6), (1, 6), (5, 7)])
 @pytest.mark.parametrize("scale", [0.2, 0.9, 1.4, -0.5])
 def test_the_prefilter_undoes_diffusers_filter(height: int, width: int, scale: float) -> None:
