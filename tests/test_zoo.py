@@ -14,8 +14,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from pcpp.audit import audit_conversion, check_call, freeu_enabled, runs_on_latent, split_reason
-from pcpp.errors import PCPPError, UnsupportedModuleError
+from pcpp.audit import audit_conversion, freeu_enabled, runs_on_latent, split_reason
+from pcpp.errors import UnsupportedModuleError
+from pcpp.layers.freeu import applies_freeu
 from pcpp.testing import run_distributed
 from zoo import ZOO, Expect, ZooModel, if_stage1_only_cross, kandinsky22_controlnet_only_cross, sd
 from zoo_workers import zoo_run
@@ -106,12 +107,13 @@ def test_a_plan_that_skips_a_row_mixing_module_is_refused() -> None:
     torch.manual_seed(0)
     unet = sd()
     converted = [n for n, m in unet.named_modules() if n and runs_on_latent(unet, n) and split_reason(m) is not None]
+    converted += [n for n, m in unet.named_modules() if applies_freeu(m)]  # FreeU's up blocks (pcpp.layers.freeu)
     audit_conversion(unet, converted)  # complete: accepted
     with pytest.raises(UnsupportedModuleError, match=r"conv_out \(Conv2d\): a conv with 3 kernel rows"):
         audit_conversion(unet, [n for n in converted if n != "conv_out"])
 
 
-def test_added_kv_attention_is_refused_unless_only_cross_attention() -> None:
+def test_added_kv_attention_must_be_split_unless_only_cross_attention() -> None:
     from zoo import _kandinsky
 
     torch.manual_seed(0)
@@ -123,16 +125,14 @@ def test_added_kv_attention_is_refused_unless_only_cross_attention() -> None:
     assert split_reason(pure) is None
 
 
-def test_freeu_is_refused_at_call_time_too() -> None:
+def test_freeu_enabled_follows_diffusers() -> None:
     torch.manual_seed(0)
     unet: UNet2DConditionModel = sd()
-    check_call(unet)
+    assert not freeu_enabled(unet)
     unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    with pytest.raises(PCPPError, match=r"unet\.disable_freeu\(\)"):
-        check_call(unet)
+    assert freeu_enabled(unet)
     unet.disable_freeu()
     assert not freeu_enabled(unet)
-    check_call(unet)
     unet.enable_freeu(s1=0.0, s2=0.2, b1=1.2, b2=1.4)  # diffusers runs FreeU only when all four are nonzero
     assert not freeu_enabled(unet)
 

@@ -395,7 +395,6 @@ def unet_motion() -> UNetMotionModel:
 
 # ----- the zoo -----------------------------------------------------------------------------------------------------
 
-_ADDED_KV = "added key/value projections"
 _NOT_2D = "pcpp.convert expects a diffusers UNet"
 
 ZOO: dict[str, ZooModel] = {
@@ -434,8 +433,6 @@ ZOO: dict[str, ZooModel] = {
             "sd-freeu",
             "test_pipelines_common.py (SDFunctionTesterMixin)",
             _seeded(sd_freeu),
-            expect=Expect.REFUSED,
-            refusal="unet.disable_freeu()",
             fast=True,
         ),
         ZooModel(
@@ -443,8 +440,6 @@ ZOO: dict[str, ZooModel] = {
             "deepfloyd_if/__init__.py",
             _seeded(if_stage1),
             latent_channels=3,
-            expect=Expect.REFUSED,
-            refusal="down_blocks.1.attentions.0 (Attention): attention with " + _ADDED_KV,
             fast=True,
         ),
         ZooModel(
@@ -453,8 +448,6 @@ ZOO: dict[str, ZooModel] = {
             _seeded(if_superres),
             latent_channels=3,
             extra_channels=3,
-            expect=Expect.REFUSED,
-            refusal="mid_block.attentions.0 (Attention)",
         ),
         ZooModel(
             "if-stage1-only-cross",
@@ -462,16 +455,12 @@ ZOO: dict[str, ZooModel] = {
             _seeded(if_stage1_only_cross),
             latent_channels=3,
         ),
-        ZooModel(
-            "kandinsky21", "kandinsky/test_kandinsky.py", _seeded(kandinsky21), expect=Expect.REFUSED, refusal=_ADDED_KV
-        ),
+        ZooModel("kandinsky21", "kandinsky/test_kandinsky.py", _seeded(kandinsky21)),
         ZooModel(
             "kandinsky21-inpaint",
             "kandinsky/test_kandinsky_inpaint.py",
             _seeded(kandinsky21_inpaint),
             extra_channels=5,
-            expect=Expect.REFUSED,
-            refusal=_ADDED_KV,
         ),
         ZooModel(
             "kandinsky21-only-cross",
@@ -482,8 +471,6 @@ ZOO: dict[str, ZooModel] = {
             "kandinsky22",
             "kandinsky2_2/test_kandinsky.py",
             _seeded(kandinsky22),
-            expect=Expect.REFUSED,
-            refusal=_ADDED_KV,
             fast=True,
         ),
         ZooModel(
@@ -491,15 +478,11 @@ ZOO: dict[str, ZooModel] = {
             "kandinsky2_2/test_kandinsky_inpaint.py",
             _seeded(kandinsky22_inpaint),
             extra_channels=5,
-            expect=Expect.REFUSED,
-            refusal=_ADDED_KV,
         ),
         ZooModel(
             "kandinsky22-controlnet",
             "kandinsky2_2/test_kandinsky_controlnet.py",
             _seeded(kandinsky22_controlnet),
-            expect=Expect.REFUSED,
-            refusal=_ADDED_KV,
         ),
         ZooModel(
             "kandinsky22-controlnet-only-cross",
@@ -512,8 +495,6 @@ ZOO: dict[str, ZooModel] = {
             "unclip/test_unclip.py",
             _seeded(unclip_decoder),
             latent_channels=3,
-            expect=Expect.REFUSED,
-            refusal=_ADDED_KV,
         ),
         ZooModel(
             "unet3d",

@@ -5,8 +5,9 @@ rows (a conv taller than one row, a GroupNorm, an attention over image tokens) g
 replaces it by a parallel layer; a module that does not run on the latent at all (the timestep, class, text and
 hint embeddings) must stay whole, or it would split something that is not the latent. :func:`audit_conversion`
 checks a plan against both halves of that rule before anything is replaced, so a UNet pcpp cannot split is
-refused with the module's name instead of giving a silently wrong image. FreeU, which is not a module, is checked
-too, at conversion and (cheaply) at each call by :func:`check_call`.
+refused with the module's name instead of giving a silently wrong image. FreeU, which is not a module but runs
+inside the up blocks' forward, is split by converting those blocks (:mod:`pcpp.layers.freeu`): the audit requires
+them converted, and :func:`check_call` (cheaply, at each call) that FreeU switched on later is still applied by them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .errors import PCPPError, UnsupportedModuleError
+from .layers.freeu import FREEU_KEYS, applies_freeu, is_exact_freeu
 
 __all__ = ["SIDE_PATHS", "audit_conversion", "check_call", "freeu_enabled", "runs_on_latent", "split_reason"]
 
@@ -37,8 +39,6 @@ SIDE_PATHS = frozenset(
     }
 )
 
-_FREEU_KEYS = ("s1", "s2", "b1", "b2")
-
 
 def runs_on_latent(unet: nn.Module, name: str) -> bool:
     """Whether submodule ``name`` of ``unet`` runs on the latent (or an activation computed from it).
@@ -57,7 +57,8 @@ def runs_on_latent(unet: nn.Module, name: str) -> bool:
 
     Example:
         >>> from diffusers import UNet2DModel
-        >>> unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8)
+        >>> blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        >>> unet = UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8, **blocks)
         >>> runs_on_latent(unet, "time_embedding.linear_1"), runs_on_latent(unet, "conv_in")
         (False, True)
     """
@@ -111,8 +112,7 @@ def split_reason(module: nn.Module) -> str | None:
             # to_k/to_v of the image tokens unless only_cross_attention=True; is_cross_attention is True all the same.
             return (
                 f"attention with added key/value projections (added_kv_proj_dim, processor {processor}) attends over "
-                "the image tokens as well as the text ones although diffusers marks it as cross-attention; pcpp "
-                "does not split it (only_cross_attention=True would make it pure cross-attention)"
+                "the image tokens as well as the text ones although diffusers marks it as cross-attention"
             )
     return None
 
@@ -122,18 +122,17 @@ def freeu_enabled(unet: nn.Module) -> bool:
 
     Example:
         >>> from diffusers import UNet2DModel
-        >>> freeu_enabled(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8))
+        >>> blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+        >>> freeu_enabled(UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, sample_size=8, **blocks))
         False
     """
-    for block in getattr(unet, "up_blocks", None) or ():
-        if all(getattr(block, key, None) for key in _FREEU_KEYS):
-            return True
-    return False
+    blocks = getattr(unet, "up_blocks", None) or ()
+    return any(all(getattr(block, key, None) for key in FREEU_KEYS) for block in blocks)
 
 
 _FREEU_WHY = (
-    "FreeU is enabled: its Fourier filter of the skip features would run on each rank's strip instead of the whole "
-    "feature map, giving a different image; call unet.disable_freeu() (or pipe.disable_freeu())"
+    "it applies FreeU's Fourier filter to the skip features (when FreeU is on), which on a strip would filter the "
+    "strip instead of the whole feature map"
 )
 
 
@@ -150,19 +149,22 @@ def audit_conversion(unet: nn.Module, converted: Iterable[str]) -> None:
         converted: qualified names of the modules the plan replaces by parallel layers.
 
     Raises:
-        UnsupportedModuleError: FreeU is enabled; or a module on the latent that mixes rows (:func:`split_reason`)
-            is neither converted nor inside a converted module; or a module that does not run on the latent
+        UnsupportedModuleError: an up block that applies FreeU is not converted; or a module on the latent that
+            mixes rows (:func:`split_reason`) is neither converted nor inside a converted module; or a module that
+            does not run on the latent
             (:func:`runs_on_latent`) is converted. Every such module is listed with the reason.
 
     Example:
         >>> audit_conversion(unet, [r.name for r in plan_conversion(unet)])  # doctest: +SKIP
     """
     names = set(converted)
-    problems: list[str] = [_FREEU_WHY] if freeu_enabled(unet) else []
+    problems: list[str] = []
     for name, module in unet.named_modules():
         if not name:
             continue
         kind = type(module).__name__
+        if applies_freeu(module) and name not in names:
+            problems.append(f"{name} ({kind}): {_FREEU_WHY}; left as it is it would see only this rank's strip")
         if not runs_on_latent(unet, name):
             if name in names:
                 problems.append(
@@ -182,7 +184,8 @@ def audit_conversion(unet: nn.Module, converted: Iterable[str]) -> None:
 
 
 def check_call(unet: nn.Module) -> None:
-    """Raise if a converted UNet was changed since conversion in a way pcpp cannot split: FreeU turned on.
+    """Raise if FreeU is on and one of the up blocks that apply it is not pcpp's (a block swapped in after
+    conversion).
 
     Cheap (a few attribute reads per up block), meant for every call of a converted UNet, before its first layer.
 
@@ -190,7 +193,13 @@ def check_call(unet: nn.Module) -> None:
         unet: the converted UNet.
 
     Raises:
-        PCPPError: FreeU is enabled.
+        PCPPError: FreeU is on and an up block applying it was not converted.
     """
-    if freeu_enabled(unet):
-        raise PCPPError(f"this converted {type(unet).__name__} cannot run: {_FREEU_WHY}.")
+    if not freeu_enabled(unet):
+        return
+    for i, block in enumerate(getattr(unet, "up_blocks", None) or ()):
+        if applies_freeu(block) and not is_exact_freeu(block):
+            raise PCPPError(
+                f"this converted {type(unet).__name__} cannot run: up_blocks.{i} ({type(block).__name__}) was not "
+                f"converted by pcpp and {_FREEU_WHY}; convert the UNet again, or call unet.disable_freeu()."
+            )

@@ -67,7 +67,7 @@ class UNetHooks:
     def _pre(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[()], dict[str, Any]]:
-        check_call(module)  # FreeU may have been switched on after conversion
+        check_call(module)  # FreeU may have been switched on after conversion: its up blocks must be pcpp's
         bound = self._signature.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
         for name, param in self._signature.parameters.items():

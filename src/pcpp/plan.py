@@ -12,9 +12,11 @@ from torch import nn
 from .audit import runs_on_latent
 from .context import PatchContext
 from .errors import ConversionError, UnsupportedModuleError
-from .layers import AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
+from .layers import AddedKVAttention, AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
+from .layers.added_kv import check_added_kv_supported
 from .layers.attention import check_supported
 from .layers.conv import split_padding
+from .layers.freeu import applies_freeu, exact_freeu_block
 
 __all__ = ["Replacement", "plan_conversion", "unet_levels"]
 
@@ -121,6 +123,11 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
         if not name or not runs_on_latent(unet, name):
             continue  # embedding and hint paths, text norms: they never see the latent, so they stay whole
         parent_name, _, child_name = name.rpartition(".")
+        if applies_freeu(module):
+            # FreeU's Fourier filter runs inside the block's forward, on the whole skip map (whether or not FreeU is
+            # on now: it may be switched on after conversion).
+            plan.append(Replacement(name, partial(exact_freeu_block, name=name)))
+            continue
         if isinstance(module, nn.Conv2d):
             entry = name == ENTRY_CONV
             if entry or module.kernel_size[0] > 1 or module.stride[0] > 1:
@@ -137,14 +144,20 @@ def plan_conversion(unet: nn.Module) -> list[Replacement]:
             plan.append(Replacement(name, partial(AsyncGroupNorm.from_group_norm, name=name)))
             continue
         if isinstance(module, Attention):
-            if module.is_cross_attention:
+            added_kv = getattr(module, "added_kv_proj_dim", None) is not None and not module.only_cross_attention
+            if module.is_cross_attention and not added_kv:
                 continue  # cross-attention reads text tokens only: row-local, no communication
+            # diffusers marks added-K/V attention (IF, Kandinsky, unCLIP) as cross-attention, yet unless
+            # only_cross_attention it attends over the image tokens too.
+            check, layer = (
+                (check_added_kv_supported, AddedKVAttention) if added_kv else (check_supported, PartialPatchAttention)
+            )
             try:
-                check_supported(module, name)
+                check(module, name)
             except ConversionError as err:
                 problems.append(str(err))
                 continue
-            plan.append(Replacement(name, partial(PartialPatchAttention.from_attention, name=name)))
+            plan.append(Replacement(name, partial(layer.from_attention, name=name)))
             continue
         reason = _row_mixing_reason(module)
         if reason is not None:

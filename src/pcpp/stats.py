@@ -16,6 +16,7 @@ class LayerKind(enum.Enum):
     ATTENTION = "attention"
     GROUPNORM = "groupnorm"
     OUTPUT = "output"
+    FREEU = "freeu"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Parallel layers: each subclasses the module it replaces, shares its parameters, and takes a context."""
 
+from .added_kv import AddedKVAttention
 from .attention import PartialPatchAttention
 from .conv import PartialPatchConv2d
 from .groupnorm import AsyncGroupNorm
 
-__all__ = ["AsyncGroupNorm", "PartialPatchAttention", "PartialPatchConv2d"]
+__all__ = ["AddedKVAttention", "AsyncGroupNorm", "PartialPatchAttention", "PartialPatchConv2d"]

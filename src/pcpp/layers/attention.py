@@ -88,8 +88,12 @@ class PartialPatchAttention(PatchLayer, Attention):
         return new
 
     def _setup(self, context: PatchContext, name: str) -> None:
-        check_supported(self, name or type(self).__name__)
+        self._check_supported(name or type(self).__name__)
         self.attach(context, name, LayerKind.ATTENTION)
+
+    def _check_supported(self, name: str) -> None:
+        """Raise ``ConversionError`` unless this module's maths can be split (a subclass states its own rule)."""
+        check_supported(self, name)
 
     def forward(
         self,
@@ -327,13 +331,13 @@ def check_supported(attn: Attention, name: str) -> None:
     Raises:
         ConversionError: naming the module and what makes it unsupported.
     """
-    if attn.is_cross_attention:
-        raise ConversionError(f"{name} is cross-attention; it needs no splitting and must stay as it is.")
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         raise ConversionError(
-            f"{name} ({type(attn).__name__}) has added key/value projections (added_kv_proj_dim), which pcpp does "
-            "not split; this UNet family is not supported yet."
+            f"{name} ({type(attn).__name__}) has added key/value projections (added_kv_proj_dim): it is split by "
+            "pcpp.layers.added_kv.AddedKVAttention, not by PartialPatchAttention."
         )
+    if attn.is_cross_attention:
+        raise ConversionError(f"{name} is cross-attention; it needs no splitting and must stay as it is.")
     processor = attn.processor
     if type(processor) not in SUPPORTED_PROCESSORS:
         raise ConversionError(
