@@ -23,7 +23,7 @@ def added_kv_attention() -> Attention:
         8, cross_attention_dim=8, heads=2, dim_head=4, added_kv_proj_dim=6, norm_num_groups=2, bias=True,
         upcast_softmax=True, processor=AttnAddedKVProcessor2_0(),
     ).eval()  # fmt: skip
-    attn.group_norm = torch.nn.Identity()  # type: ignore[assignment]
+    attn.group_norm = torch.nn.Identity()
     return attn
 
 
@@ -62,7 +62,7 @@ def freeu_after_conversion(rank: int, world: int, uneven: bool, exact: bool = Tr
     from zoo_workers import _loop, height_for
 
     model = ZOO["sd-freeu"]  # the SD dummy with FreeU (s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-    unet = model.build()
+    unet: Any = model.build()  # a UNet2DConditionModel: disable_freeu and enable_freeu are its own
     height = height_for(unet, world, uneven)
     reference = _loop(model, unet, height)
     unet.disable_freeu()

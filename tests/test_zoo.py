@@ -8,6 +8,7 @@ full zoo on 2, 3 and unevenly split 3 ranks is marked slow.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -58,7 +59,7 @@ def _check(model: ZooModel, per_rank: list[dict[str, Any]]) -> None:
         assert result["status"] == "exact", f"{where}: expected exact, refused with:\n{result.get('message')}"
         for step, (got, want) in enumerate(zip(result["parallel"], result["reference"], strict=True)):
             label = f"{where}, {'final latent' if step == len(result['reference']) - 1 else f'UNet call {step}'}"
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m, label=label: f"{label}: {m}")
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=functools.partial(_labelled, label))
 
 
 @pytest.mark.parametrize("layout", ["2", "3-uneven"])
@@ -167,3 +168,7 @@ def _table() -> str:
 
 if __name__ == "__main__":
     print(_table())
+
+
+def _labelled(label: str, message: str) -> str:
+    return f"{label}: {message}"

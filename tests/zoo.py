@@ -535,7 +535,7 @@ def unit(unet: nn.Module) -> int:
 
 def conditioning(model: ZooModel, unet: nn.Module, batch: int, height: int, width: int, gen: torch.Generator) -> Cond:
     """The UNet keyword arguments the model's pipeline passes (apart from sample and timestep), fixed per image."""
-    config = unet.config
+    config: Any = unet.config  # diffusers' FrozenDict of the UNet's settings
     kwargs: Cond = {}
     if isinstance(unet, UNet2DModel):
         return kwargs

@@ -31,7 +31,7 @@ def _loop(model: ZooModel, unet: nn.Module, height: int) -> list[Tensor]:
     x = torch.randn(BATCH, model.latent_channels, height, WIDTH, generator=gen)
     extra = torch.randn(BATCH, model.extra_channels, height, WIDTH, generator=gen)
     kwargs = conditioning(model, unet, BATCH, height, WIDTH, gen)
-    controlnet = controlnet_for(unet) if model.side == "controlnet" else None  # type: ignore[arg-type]
+    controlnet = controlnet_for(unet) if model.side == "controlnet" else None
     control_image = torch.randn(BATCH, 3, 2 * height, 2 * WIDTH, generator=gen)
     adapter = t2i_residuals(BATCH, height, WIDTH, gen) if model.side == "t2i" else None
     scheduler = DDIMScheduler()
