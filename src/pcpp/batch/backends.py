@@ -91,12 +91,14 @@ def tiny_backend(device: torch.device) -> TinyBackend:
 
 
 def parallelize_pipeline(pipe: Any, comm: Any, config: PCPPConfig) -> None:
-    """Make a diffusers pipeline patch-parallel: today, :func:`pcpp.convert` on ``pipe.unet``.
+    """Make a diffusers pipeline patch-parallel with :func:`pcpp.parallelize` (its UNet and its VAE; a pipeline
+    pcpp does not support is refused there, before anything changes).
 
-    This is the one place the pipeline path converts a model (to become ``pcpp.parallelize(pipe, ...)`` once that
-    exists, which also handles pipelines whose denoiser is not ``pipe.unet``).
+    This is the one place the pipeline path converts a model.
     """
-    convert(pipe.unet, comm=comm, **_convert_kwargs(config))
+    from ..pipeline import parallelize  # lazily: pcpp.pipeline imports diffusers' pipelines
+
+    parallelize(pipe, comm=comm, **_convert_kwargs(config))
 
 
 @dataclass(frozen=True)
