@@ -79,7 +79,7 @@ class CommStats:
         8
     """
 
-    def __init__(self, max_steps: int = 10_000) -> None:
+    def __init__(self, max_steps: int = 256) -> None:
         self._steps: deque[StepTraffic] = deque(maxlen=max_steps)
 
     @property
