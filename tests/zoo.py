@@ -502,7 +502,7 @@ ZOO: dict[str, ZooModel] = {
             _seeded(unet3d),
             video=True,
             expect=Expect.REFUSED,
-            refusal=_NOT_2D + " (UNet2DConditionModel, UNet2DModel), got UNet3D",
+            refusal="got UNet3DConditionModel",
         ),
         ZooModel(
             "svd",
