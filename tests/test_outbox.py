@@ -115,7 +115,7 @@ def test_a_step_that_stopped_midway_is_discarded_at_reset(caplog: pytest.LogCapt
     with pytest.raises(pcpp.PCPPError, match="stopped midway"):
         ctx.begin_step(8, 8, None)
     ctx.request_reset()
-    with caplog.at_level("WARNING", logger="pcpp.exchange"):
+    with caplog.at_level("WARNING", logger="pcpp.exchange_service"):
         ctx.begin_step(8, 8, None)
     assert "dropped the unsent exchanges of 1 layers" in caplog.text
     pending.wait()  # waits on nothing

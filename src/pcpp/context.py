@@ -7,7 +7,7 @@ import torch
 from .clock import StepClock
 from .comm.base import PatchCommunicator
 from .config import PCPPConfig, Phase
-from .exchange import ExchangeService
+from .exchange_service import ExchangeService
 from .geometry import Geometry
 from .kernels import NormOps, fusion_available
 from .stats import CommStats
@@ -17,7 +17,7 @@ __all__ = ["PatchContext"]
 
 class PatchContext:
     """What every converted layer of one UNet shares: a :class:`~pcpp.clock.StepClock` (``clock``: image and
-    step counters, phase, geometry) and an :class:`~pcpp.exchange.ExchangeService` (``exchange``: communicator,
+    step counters, phase, geometry) and an :class:`~pcpp.exchange_service.ExchangeService` (``exchange``: communicator,
     outbox, scratch, order tokens, statistics, one port per layer).
 
     The UNet-level hook calls :meth:`begin_step` before and :meth:`end_step` after each forward; layers never

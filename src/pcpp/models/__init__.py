@@ -7,12 +7,10 @@ plain single-device DDIM sampler with classifier-free guidance. See ``docs/tiny-
 
 from pcpp.models.sampler import encode_prompts, sample
 from pcpp.models.shapes import COLORS, SHAPES, VOCABULARY, SceneBatch, render_scenes, sample_scenes, scene_captions
+from pcpp.models.text import TinyTextEncoder, TinyTextEncoderConfig, TinyTokenizer
 from pcpp.models.tiny import (
     DEFAULT_GUIDANCE,
     TinyModel,
-    TinyTextEncoder,
-    TinyTextEncoderConfig,
-    TinyTokenizer,
     build_scheduler,
     build_unet,
     load_tiny,
