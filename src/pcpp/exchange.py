@@ -162,8 +162,11 @@ class ExchangePort:
         """Both of a layer's outgoing tensors (either may be ``None``) as :meth:`send_copy` returns them, copied
         by one kernel where copies are needed (row slices of a batch are rarely contiguous; each half of the
         stack is)."""
-        present = [t for t in (first, second) if t is not None]
-        if not self._owned_sends and all(t.is_contiguous() for t in present):
+        if (
+            not self._owned_sends
+            and (first is None or first.is_contiguous())
+            and (second is None or second.is_contiguous())
+        ):
             return first, second
         if first is not None and second is not None and first.shape == second.shape:
             # Into a contiguous buffer: stack alone would keep a channels-last input's layout.

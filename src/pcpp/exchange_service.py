@@ -126,8 +126,12 @@ class ExchangeService:
             nbytes = tensor.numel() * tensor.element_size() * (comm.world_size - 1)
             self.stats.record(kind, sent=nbytes, received=nbytes)
             return comm.all_gather(output, tensor, what=what)
-        sent = sum(m.tensor.numel() * m.tensor.element_size() for m in transfer.messages if m.send)
-        received = sum(m.tensor.numel() * m.tensor.element_size() for m in transfer.messages if not m.send)
+        sent = received = 0
+        for m in transfer.messages:  # a plain loop: this runs for every layer at every step
+            if m.send:
+                sent += m.tensor.numel() * m.tensor.element_size()
+            else:
+                received += m.tensor.numel() * m.tensor.element_size()
         self.stats.record(kind, sent=sent, received=received)
         if defer:
             # Every layer joins the batch, with or without messages: batches close after the same layers on every

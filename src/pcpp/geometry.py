@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import PCPPError
 
@@ -36,13 +36,20 @@ class Geometry:
 
     Geometry is immutable once built and holds no caches: compiled code reads it, and Dynamo guards on what it
     reads, so state filled in during the first call would make the second call recompile (under CUDA-graph
-    capture, where Inductor cannot autotune).
+    capture, where Inductor cannot autotune). The strips' rows at every level are worked out once, when it is
+    built, because the layers ask for them several times per call.
     """
 
     height: int
     width: int
     rows: tuple[int, ...]
     levels: int
+    # _strips[i]: every strip's rows at the i-th level of level_range(); filled by __post_init__.
+    _strips: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        strips = tuple(tuple(scale_rows(r, level) for r in self.rows) for level in self.level_range())
+        object.__setattr__(self, "_strips", strips)
 
     def level_range(self) -> range:
         """Every level, from the input's (0) to the last stage's (``levels``)."""
@@ -55,8 +62,11 @@ class Geometry:
             PCPPError: no level matches (the activation is not one of the model's resolutions).
         """
         base = self.rows[rank]
-        for level in self.level_range():
-            if scale_rows(base, level) == local_height and scale_rows(local_height, -level) == base:
+        step = 1 if self.levels >= 0 else -1
+        for index, strips in enumerate(self._strips):
+            level = index * step
+            # The second test refuses heights that round: 5 rows halve to 2, but 2 rows are not a 5-row strip.
+            if strips[rank] == local_height and (local_height << level if step > 0 else local_height >> index) == base:
                 return level
         raise PCPPError(
             f"an activation of height {local_height} on rank {rank} matches no level of the strip ({base} rows at "
@@ -65,6 +75,9 @@ class Geometry:
 
     def strip_rows(self, level: int) -> tuple[int, ...]:
         """Rows of every strip at ``level``."""
+        index = level if self.levels >= 0 else -level
+        if 0 <= index < len(self._strips):
+            return self._strips[index]
         return tuple(scale_rows(r, level) for r in self.rows)
 
     def strip_start(self, rank: int, level: int) -> int:
@@ -86,8 +99,9 @@ class Geometry:
         Raises:
             PCPPError: no level's strip area matches.
         """
-        for level in self.level_range():
-            rows = scale_rows(self.rows[rank], level)
+        step = 1 if self.levels >= 0 else -1
+        for index, strips in enumerate(self._strips):
+            level, rows = index * step, strips[rank]
             width, rest = divmod(tokens, rows)
             low, high = (self.width >> level, -(-self.width >> level)) if level >= 0 else (self.width << -level,) * 2
             if not rest and low <= width <= high:
