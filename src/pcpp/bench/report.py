@@ -69,6 +69,7 @@ def new_report(args: argparse.Namespace, layout: Layout, model: Model) -> dict[s
     """The report before any mode has run: environment, settings and the UNet."""
     return {
         "benchmark": "pcpp",
+        "task": args.task.value,
         "environment": environment(layout),
         "settings": {
             "config": str(args.config),
