@@ -31,7 +31,7 @@ from .common import sync_device, sync_point, write_report
 from .image_pipeline import build_pipeline, vae_factor
 from .layout import all_gather_objects
 from .pcpp_modes import convert_settings
-from .report import add_speedups, fmt
+from .report import add_speedups, fmt, run_line, table_start
 from .session import Session
 
 __all__ = ["PHASES", "image_table", "run_images"]
@@ -203,17 +203,11 @@ def _parallel(session: Session, pipe: Any, mode: ModeSpec, call: dict[str, Any],
 
 def image_table(report: dict[str, Any]) -> str:
     """One row per resolution, mode and VAE placement: the phases, the VAE's share and the peak memory."""
-    env = report["environment"]
     head = (
         "| size | mode | VAE | image ms | text ms | loop ms | decode ms | other ms | VAE share | speedup | "
         "peak GiB (max rank) |"
     )
-    lines = [
-        f"pcpp whole-image benchmark, {env['device']}, N={env['world_size']} mesh {env['mesh']}; slowest rank's "
-        f"medians; {TIMING_NOTE}.",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
-    ]
+    lines = table_start(f"pcpp whole-image benchmark, {run_line(report)}; slowest rank's medians; {TIMING_NOTE}.", head)
     for size, res in report.get("results", {}).items():
         for name, entry in res["modes"].items():
             for placement, v in entry.get("variants", {}).items():

@@ -35,7 +35,7 @@ from .common import DTYPES, free_memory, sync_device, time_summary, write_report
 from .denoisers import compiled
 from .image_pipeline import load_vae_config, seeded, vae_factor
 from .layout import Layout
-from .report import environment, fmt
+from .report import environment, fmt, table_start
 
 __all__ = ["decoder_halo", "estimate_gib", "floor_table", "run_vae_floor", "strip_rows"]
 
@@ -236,11 +236,7 @@ def _row(
 def floor_table(report: dict[str, Any]) -> str:
     """One row per size, dtype, variant and strip count: time, peak memory and the whole decode over this one."""
     head = "| size | dtype | variant | strips | rows (+halo) | median ms | peak GiB | whole / strip time | pcpp/plain |"
-    lines = [
-        f"pcpp VAE decode floor, {report['environment']['device']}; {TIMING_NOTE}.",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
-    ]
+    lines = table_start(f"pcpp VAE decode floor, {report['environment']['device']}; {TIMING_NOTE}.", head)
     for size, res in report.get("results", {}).items():
         whole = {(r["dtype"], r["variant"]): r.get("median_ms") for r in res["rows"] if r["strips"] == 1}
         for r in res["rows"]:
