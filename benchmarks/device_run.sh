@@ -21,10 +21,13 @@
 #   OUT=/some/dir bash benchmarks/device_run.sh tests     # tests/test_gpu.py on NCCL, the compiled case included
 #   OUT=/some/dir bash benchmarks/device_run.sh best      # 2 GPUs (CFG split, 2048) and 1 GPU (1024) against the best
 #                                                         # single path, compile included; then tests/test_gpu.py
+#   OUT=/some/dir bash benchmarks/device_run.sh vae       # 1 GPU: the VAE decode floor (eager), then whole images
+#                                                         # at 1024 and 2048 (text, loop, decode; VAE parallel/whole)
+#   OUT=/some/dir bash benchmarks/device_run.sh vaec      # 1 GPU: the decode floor compiled, fp16 (vaec32: fp32)
 # docs/benchmarks.md says which part produced which number. Parts are independent; compare numbers only
 # within one machine (one lease).
 set -uo pipefail
-PART=${1:?which part: graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, best, cfg2 or tests}
+PART=${1:?which part: graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, vae, vaec, vaec32, best, cfg2 or tests}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to a results folder}
 L=$OUT/log.txt; R=$OUT/r; mkdir -p "$R"
@@ -176,6 +179,24 @@ one)
   bench 330 1 --resolutions 1024 --modes single partial:0.3 --single-variants eager graph --compile --no-fidelity \
     --repeats 3 --deadline-s 320 --out "$R/pcpp_n1_alone.json"; mark n1_alone
   ;;
+vae)
+  # 1 GPU: the floor of the parallel decode: SDXL's VAE decoding the whole latent against rank 0's strip of 2 and 4
+  # (its rows and the halo row its first convolution reads), fp16 and fp32 (fp32 4096 whole, about 75 GiB, skipped
+  # by --max-gib), and the VAE converted by pcpp on one rank beside the plain one, decodes interleaved. About 4 min.
+  bench 330 1 --vae-floor --resolutions 2048 3072 4096 --strips 1 2 4 --vae-dtypes float16 float32 --vae-converted \
+    --repeats 3 --deadline-s 320 --out "$R/vae_floor.json"; mark vae_floor
+  # Whole images through StableDiffusionXLPipeline (random text encoders, UNet and VAE): text encoding, the 50-step
+  # loop and the decode (fp32: SDXL's force_upcast) apart, with the VAE converted (parallel) and whole.
+  bench 240 1 --whole-image --resolutions 1024 2048 --modes partial:0.3 --vae-placements parallel whole \
+    --repeats 1 --deadline-s 230 --out "$R/whole_image_n1.json"; mark whole_image
+  ;;
+vaec|vaec32)
+  # The same floor under torch.compile (inductor, dynamic=False: one compilation per shape, plain and converted),
+  # one dtype per part; rows are written as they finish, so a run cut short keeps what it measured.
+  DT=float16; [ "$PART" = vaec32 ] && DT=float32
+  bench 560 1 --vae-floor --resolutions 2048 3072 4096 --strips 1 2 4 --vae-dtypes "$DT" --vae-converted \
+    --compile-only --repeats 3 --deadline-s 550 --out "$R/vae_floor_compile_$DT.json"; mark "vae_floor_compile_$DT"
+  ;;
 one2)
   # 1 GPU: the plain UNet and pcpp on one rank, both on the GPU at once, timed images interleaved (A B B A ...).
   PYTHONPATH=$P timeout -k 5 "$(cap 450)" python3 benchmarks/one_gpu_interleaved.py --resolution 1024 \
@@ -198,6 +219,6 @@ onegpu)
 tests)
   PYTHONPATH=$P timeout -k 5 570 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$L" 2>&1; mark tests
   ;;
-*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, best, cfg2, tests)"; exit 2 ;;
+*) echo "unknown part $PART (graph, small, compile, patch2, patch2df, transport, knobs, carveout, c2048, c3072, profile, profile3072, one, one2, onegpu, vae, vaec, vaec32, best, cfg2, tests)"; exit 2 ;;
 esac
 grep -h "| .*x.* |\|DistriFusion 4\|== " "$L" | tail -40

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import DEFAULT_CONFIG, common
+from bench_common import DEFAULT_CONFIG, common, fidelity
 from distrifusion_stack import (
     DfStack,
     check_geometry,
@@ -186,7 +186,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
 
     scheduler = common.make_scheduler(stack.ddim_cls)
 
-    def image(trace: common.Trace | None = None) -> tuple[float, torch.Tensor]:
+    def image(trace: fidelity.Trace | None = None) -> tuple[float, torch.Tensor]:
         distri_unet.set_counter(0)  # DistriSDXLPipeline.__call__ does this before every image
         return common.denoise(step, scheduler, inputs.latents, args.steps, args.guidance, trace)
 
@@ -203,7 +203,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
         LOG.info("prepare() done in %.1f s (graphs: %s)", setup_s["prepare"], args.use_cuda_graph)
 
         # Warm-up image, recorded for the fidelity check (the copies to the CPU make it slower: not timed).
-        trace = common.Trace()
+        trace = fidelity.Trace()
         common.sync_point(device)
         warm_ms, _ = image(trace)
         LOG.info("warm-up image: %.1f ms (with recording)", warm_ms)
@@ -224,7 +224,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
         # Every image starts from the same x_T, so the timed images must reproduce the recorded one.
         if final_latents is None:
             raise RuntimeError("no image was produced")
-        report.update(common.trace_checks(trace, final_latents))
+        report.update(fidelity.trace_checks(trace, final_latents))
 
         all_times = common.all_gather_floats(times_ms, device)
         mems = common.all_gather_floats([float(peak_timed), float(peak_setup), float(peak_reserved)], device)
@@ -260,7 +260,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
             LOG.info("restored %d original layers; computing the single-GPU reference", restored)
             tick = time.perf_counter()
             # DistriFusion's warmup_steps=w means w + 1 synchronous steps (counter <= w).
-            report["fidelity"] = common.fidelity(
+            report["fidelity"] = fidelity.fidelity(
                 plain_unet, trace, inputs, args.guidance, args.warmup_steps + 1, REFERENCE
             )
             if args.trajectory_reference:
@@ -273,7 +273,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
                     args.steps,
                     args.guidance,
                 )
-                report["final_latent_rel_l2_vs_single_gpu"] = common.relative_l2(final_of(trace), ref_final.cpu())
+                report["final_latent_rel_l2_vs_single_gpu"] = fidelity.relative_l2(final_of(trace), ref_final.cpu())
             setup_s["reference"] = time.perf_counter() - tick
             LOG.info(
                 "noise-prediction rel. L2 after warm-up: %s; during warm-up: %s",
@@ -283,7 +283,7 @@ def run_benchmark(args: argparse.Namespace, stack: DfStack, distri_config: Any) 
     return report
 
 
-def final_of(trace: common.Trace) -> torch.Tensor:
+def final_of(trace: fidelity.Trace) -> torch.Tensor:
     """The traced image's final latent."""
     if trace.final is None:
         raise RuntimeError("the traced image has no final latent")

@@ -8,7 +8,6 @@ token), written to a folder the caller gives, so prompts go through the whole te
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from pcpp.bench import text as bench_text
 
 TEXT_DIM = 16  # hidden size of each text encoder
 TOKENS = 16  # tokenizer.model_max_length: prompts are padded to this many tokens
@@ -85,27 +86,14 @@ class Spec:
 
 
 def write_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP tokenizer over every byte (as a word-inner and as a word-final symbol) and no merges.
+    """The bench's byte-level CLIP tokenizer (:func:`pcpp.bench.text.write_tokenizer`), padding and truncating to
+    :data:`TOKENS` tokens.
 
     Args:
         folder: where ``vocab.json`` and ``merges.txt`` are written.
-
-    Returns:
-        The tokenizer, padding and truncating to :data:`TOKENS` tokens.
     """
-    symbols = _byte_symbols()
-    vocab = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOKENS)
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each of the 256 bytes, as byte-level BPE tokenizers (CLIP's) use them."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokenizer: CLIPTokenizer = bench_text.write_tokenizer(folder, TOKENS)
+    return tokenizer
 
 
 def _text_config(tokenizer: CLIPTokenizer, **extra: Any) -> CLIPTextConfig:

@@ -72,8 +72,9 @@ Modules: :mod:`~pcpp.bench.arguments` (command line), :mod:`~pcpp.bench.layout` 
 wrappers), :mod:`~pcpp.bench.loop` (timing loop), :mod:`~pcpp.bench.profile`, :mod:`~pcpp.bench.single`,
 :mod:`~pcpp.bench.floor` and :mod:`~pcpp.bench.floor_attention`, :mod:`~pcpp.bench.pcpp_modes` (the converted UNet,
 traffic, fidelity), :mod:`~pcpp.bench.report`, :mod:`~pcpp.bench.run` (the driver), :mod:`~pcpp.bench.command`
-(``main``), and :mod:`~pcpp.bench.common`: what the DistriFusion runner shares with the bench (torch only; the
-runner loads it by file path, since it runs beside diffusers 0.24 and cannot import pcpp). The default UNet config
+(``main``), and :mod:`~pcpp.bench.common` and :mod:`~pcpp.bench.fidelity`: what the DistriFusion runner shares
+with the bench (torch only; the runner loads them by file path, since it runs beside diffusers 0.24 and cannot
+import pcpp). The default UNet config
 (SDXL-base's) ships in ``pcpp/bench/configs/``.
 """
 

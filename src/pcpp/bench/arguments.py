@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .common import DTYPES, VAE_FACTOR, add_loop_arguments, add_run_arguments
+from .tasks import IMAGE_MODES, UNET_MODES, Task, add_task_arguments, check_task
 
 __all__ = ["DEFAULT_CONFIG", "ModeKind", "ModeSpec", "build_parser", "parse_args", "parse_mode", "parse_resolution"]
 
@@ -113,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         type=parse_mode,
         nargs="+",
-        default=[parse_mode(m) for m in ("single", "floor", "exact", "full", "partial:0.3")],
+        default=None,
         metavar="MODE",
-        help="single, floor, exact, full, partial:P (default: single floor exact full partial:0.3)",
+        help=f"single, floor, exact, full, partial:P (default: {' '.join(UNET_MODES)}; with --whole-image "
+        f"{' '.join(IMAGE_MODES)}, where floor does not apply)",
     )
     parser.add_argument(
         "--floor-modes",
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the timed images, run one more under torch.profiler per variant and write its busiest kernels "
         "(DIR/<label>.rank<r>.txt) and device time per step by kind of kernel (in the report)",
     )
+    add_task_arguments(parser)
     add_run_arguments(parser)
     return parser
 
@@ -250,6 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device == "cpu" and args.cuda_graph:
         args.cuda_graph = False  # CUDA graphs need CUDA; logged once logging is set up
         args.cuda_graph_note = "CUDA graphs disabled: --device cpu"
+    if args.modes is None:
+        args.modes = [parse_mode(m) for m in (IMAGE_MODES if args.task is Task.WHOLE_IMAGE else UNET_MODES)]
+    check_task(parser, args)
     if args.floor_warmup_steps is None:
         args.floor_warmup_steps = max(1, args.warmup_steps)
     if args.floor_modes is None:

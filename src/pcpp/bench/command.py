@@ -12,11 +12,14 @@ import torch.distributed as dist
 from .arguments import parse_args
 from .common import report_text, setup_logging, teardown, write_report
 from .denoisers import Denoisers
+from .image import run_images
 from .layout import Layout, init_layout
 from .model import load_model
 from .report import new_report
 from .run import run_all
 from .session import Session
+from .tasks import Task
+from .vae_floor import run_vae_floor
 
 __all__ = ["main"]
 
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = init_layout(args)
         denoisers = Denoisers(layout.device)
         LOG.info(
-            "pcpp.bench: %d rank(s) on %s, mesh cfg %d x patch %d; modes %s; resolutions %s",
+            "pcpp.bench %s: %d rank(s) on %s, mesh cfg %d x patch %d; modes %s; resolutions %s",
+            args.task.value,
             layout.world,
             layout.device.type,
             2 if layout.cfg_split else 1,
@@ -57,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             " ".join(m.name for m in args.modes),
             " ".join(f"{h}x{w}" for h, w in args.resolutions),
         )
-        model = load_model(args, layout.device)
-        report = new_report(args, layout, model)
-        run_all(Session(args=args, layout=layout, model=model, denoisers=denoisers), report)
+        if args.task is Task.VAE_FLOOR:
+            report = run_vae_floor(args, layout)
+        else:
+            model = load_model(args, layout.device)
+            report = new_report(args, layout, model)
+            session = Session(args=args, layout=layout, model=model, denoisers=denoisers)
+            (run_images if args.task is Task.WHOLE_IMAGE else run_all)(session, report)
         if rank == 0 and args.out is None:
             LOG.info("report:\n%s", report_text(report))
         elif rank == 0:

@@ -2,7 +2,8 @@
 
 The runner (``benchmarks/distrifusion_runner.py``) runs beside diffusers 0.24 and cannot import pcpp: it loads
 this file by its path. So it imports only the standard library and torch at module level and takes diffusers'
-classes (the UNet, ``DDIMScheduler``) as arguments.
+classes (the UNet, ``DDIMScheduler``) as arguments. The per-step fidelity check lives beside it in
+:mod:`pcpp.bench.fidelity`, loaded the same way.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the runner loads this file alone: the trace's type is only named here
+    from .fidelity import Trace
 
 LOG = logging.getLogger(__name__)
 
@@ -262,16 +266,6 @@ def make_scheduler(ddim_cls: Any) -> Any:
     )
 
 
-@dataclass
-class Trace:
-    """What a run saw and produced at each step of one image (kept on the CPU)."""
-
-    timesteps: list[int] = field(default_factory=list)
-    latents: list[Tensor] = field(default_factory=list)  # x_t fed to step i, (1, C, h, w)
-    eps: list[Tensor] = field(default_factory=list)  # the UNet's batch-2 output at step i
-    final: Tensor | None = None
-
-
 StepFn = Callable[[int, Tensor, Tensor], Tensor]
 """``(step index, scaled latent, timestep) -> raw UNet output`` (batch 2 = [uncond, cond], or batch 1)."""
 
@@ -335,20 +329,6 @@ def denoise(
     return elapsed_ms, latents
 
 
-def relative_l2(actual: Tensor, expected: Tensor) -> float:
-    """||actual - expected|| / ||expected||, in float64."""
-    diff = (actual.double() - expected.double()).norm()
-    return float(diff / expected.double().norm().clamp_min(1e-30))
-
-
-def summarize(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean, median and max of the finite values (None when there are none)."""
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return {"mean": None, "median": None, "max": None}
-    return {"mean": statistics.fmean(finite), "median": statistics.median(finite), "max": max(finite)}
-
-
 def time_summary(times_ms: Sequence[float]) -> dict[str, Any]:
     """times, median, min and max."""
     return {
@@ -356,53 +336,6 @@ def time_summary(times_ms: Sequence[float]) -> dict[str, Any]:
         "median_ms": statistics.median(times_ms),
         "min_ms": min(times_ms),
         "max_ms": max(times_ms),
-    }
-
-
-def trace_checks(trace: Trace, last_final: Tensor) -> dict[str, Any]:
-    """The traced image against a timed one (every image starts from the same x_T), and non-finite steps."""
-    if trace.final is None:
-        raise RuntimeError("the traced image has no final latent")
-    return {
-        "repeat_consistency_rel_l2": relative_l2(last_final.cpu(), trace.final),
-        "nonfinite_eps_steps": [i for i, e in enumerate(trace.eps) if not torch.isfinite(e).all()],
-    }
-
-
-def fidelity(
-    plain_unet: Callable[..., Any], trace: Trace, inputs: Inputs, guidance: float, first_async: int, reference: str
-) -> dict[str, Any]:
-    """Per-step relative L2 of a traced image's noise prediction (raw batch 2, and CFG-combined) against
-    ``plain_unet`` (same weights, batch 2, whole latent) on the same x_t and t, summarised after and before
-    ``first_async``. Every rank calls this: step ``i`` runs on rank ``i % world``, then one all-reduce sums them.
-    ``reference`` says what ``plain_unet`` is, for the report.
-    """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = inputs.latents.device
-    steps = len(trace.timesteps)
-    errors = torch.zeros((2, steps), dtype=torch.float64)
-    for i in range(rank, steps, world):
-        latents = trace.latents[i].to(device)
-        t = torch.tensor(trace.timesteps[i], device=device)
-        # DDIM's scale_model_input is the identity, so the recorded x_t is the UNet's input as it was.
-        expected = plain_unet(torch.cat([latents] * 2), t, return_dict=False, **inputs.cond())[0].cpu()
-        actual = trace.eps[i]
-        errors[0, i] = relative_l2(actual, expected)
-        exp_u, exp_c = expected.double().chunk(2)
-        act_u, act_c = actual.double().chunk(2)
-        errors[1, i] = relative_l2(act_u + guidance * (act_c - act_u), exp_u + guidance * (exp_c - exp_u))
-    errors_dev = errors.to(device)
-    dist.all_reduce(errors_dev)
-    eps_err, guided_err = errors_dev.cpu().tolist()
-    after = range(min(first_async, steps), steps)
-    return {
-        "reference": reference,
-        "rel_l2_eps_per_step": eps_err,
-        "rel_l2_guided_per_step": guided_err,
-        "after_warmup_steps": [after.start, after.stop - 1] if len(after) else None,
-        "rel_l2_eps_after_warmup": summarize([eps_err[i] for i in after]),
-        "rel_l2_guided_after_warmup": summarize([guided_err[i] for i in after]),
-        "rel_l2_eps_warmup": summarize(eps_err[: min(first_async, steps)]),
     }
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .common import Inputs, StepFn, free_memory
 
-__all__ = ["Denoiser", "Denoisers", "EagerUNet", "cfg_step", "sm_carveout"]
+__all__ = ["Denoiser", "Denoisers", "EagerUNet", "cfg_step", "compiled", "sm_carveout"]
 
 LOG = logging.getLogger(__name__)
 
@@ -89,18 +89,7 @@ class Denoisers:
             The denoiser and the seconds spent building it (compilation itself happens at the first calls).
         """
         tick = time.perf_counter()
-        target: Any = unet
-        if compile_:
-            import torch._dynamo
-
-            if reset_dynamo:
-                torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
-            # Headroom for the UNet hooks' resume functions across phases and shapes; the default limit (8 per
-            # code object) silently leaves code uncompiled once reached.
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8192)
-            target = torch.compile(unet, dynamic=False)
+        target: Any = compiled(unet, reset_dynamo=reset_dynamo) if compile_ else unet
         den: Denoiser
         if graph:
             from pcpp.cuda_graph import CUDAGraphUNet
@@ -127,6 +116,29 @@ class Denoisers:
                 self.release(den)
             except Exception:
                 LOG.exception("releasing a denoiser failed (ignored)")
+
+
+def compiled(target: Any, *, reset_dynamo: bool = True, backend: str = "inductor") -> Any:
+    """``torch.compile(target, dynamic=False)`` with room for many recompilations.
+
+    Args:
+        target: a module or function.
+        reset_dynamo: start from an empty Dynamo cache (off when several callables share one compilation).
+        backend: ``torch.compile``'s backend (``inductor``; ``aot_eager`` or ``eager`` for quick checks).
+
+    Returns:
+        The compiled callable (compilation itself happens at the first calls).
+    """
+    import torch._dynamo
+
+    if reset_dynamo:
+        torch._dynamo.reset()  # a fresh cache per variant: shapes and phases change between runs
+    # Headroom for pcpp's hooks' resume functions across phases and shapes; the default limit (8 per code object)
+    # silently leaves code uncompiled once reached.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 256)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8192)
+    return torch.compile(target, dynamic=False, backend=backend)
 
 
 def cfg_step(den: Denoiser, inputs: Inputs) -> StepFn:

@@ -5,7 +5,7 @@ Each mode converts the UNet with the mesh, ``warmup_steps``, ``exact=True`` (``e
 (``full``, DistriFusion's attention) or ``partial=P``, and ``detect_new_image=False`` (each image starts with an
 explicit reset); it runs under ``CUDAGraphUNet`` unless ``--no-cuda-graph``, and with ``--compile`` also
 ``torch.compile(unet, dynamic=False)`` under it. After the timed images one more image is traced; after
-:func:`pcpp.revert` the plain UNet is evaluated on its inputs (:func:`pcpp.bench.common.fidelity`).
+:func:`pcpp.revert` the plain UNet is evaluated on its inputs (:func:`pcpp.bench.fidelity.fidelity`).
 """
 
 from __future__ import annotations
@@ -22,18 +22,9 @@ import torch
 import pcpp
 
 from .arguments import ModeSpec
-from .common import (
-    Inputs,
-    Trace,
-    all_gather_floats,
-    denoise,
-    fidelity,
-    relative_l2,
-    sync_point,
-    time_summary,
-    trace_checks,
-)
+from .common import Inputs, all_gather_floats, denoise, sync_point, time_summary
 from .denoisers import cfg_step, sm_carveout
+from .fidelity import Trace, fidelity, relative_l2, trace_checks
 from .layout import all_gather_objects
 from .loop import step_summary, time_images
 from .model import make_scheduler

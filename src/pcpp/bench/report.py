@@ -15,7 +15,7 @@ from .common import SCHEDULER_NOTE
 from .layout import Layout
 from .model import Model
 
-__all__ = ["add_speedups", "fmt", "markdown_table", "new_report"]
+__all__ = ["add_speedups", "fmt", "markdown_table", "new_report", "run_line", "table_start"]
 
 TIMING_NOTE = (
     "whole denoising loop of one image (UNet calls, CFG combine, DDIM steps) between two device synchronisations; "
@@ -69,6 +69,7 @@ def new_report(args: argparse.Namespace, layout: Layout, model: Model) -> dict[s
     """The report before any mode has run: environment, settings and the UNet."""
     return {
         "benchmark": "pcpp",
+        "task": args.task.value,
         "environment": environment(layout),
         "settings": {
             "config": str(args.config),
@@ -143,12 +144,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         "| size | mode | variant | median ms | min | max | speedup | floor ms | floor speedup | eps rel L2 mean/max "
         "after warmup | attn sent/step async (max rank) | sent/step sync/async (max rank) | peak GiB (max rank) |"
     )
-    lines = [
-        f"pcpp benchmark, {report['environment']['device']}, N={report['environment']['world_size']} "
-        f"mesh {report['environment']['mesh']}; {TIMING_NOTE}.",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
-    ]
+    lines = table_start(f"pcpp benchmark, {run_line(report)}; {TIMING_NOTE}.", head)
     for size, res in report.get("results", {}).items():
         modes = res["modes"]
         single = modes.get("single", {})
@@ -184,6 +180,17 @@ def markdown_table(report: dict[str, Any]) -> str:
                     + (f" error: {v['error']}" if "error" in v else "")
                 )
     return "\n".join(lines)
+
+
+def run_line(report: dict[str, Any]) -> str:
+    """The card, the number of ranks and the mesh, for a table's title."""
+    env = report["environment"]
+    return f"{env['device']}, N={env['world_size']} mesh {env['mesh']}"
+
+
+def table_start(title: str, head: str) -> list[str]:
+    """A markdown table's first lines: its title, its header and the separator."""
+    return [title, head, "|" + "---|" * (head.count("|") - 1)]
 
 
 def mib(nbytes: Any) -> str:
