@@ -241,10 +241,43 @@ def _differences(a: Any, b: Any, where: str) -> list[str]:
     return [] if a == b else [f"{where}: {a!r} against {b!r}"]
 
 
-def compare(base_path: str, new_path: str) -> int:
-    """Compare two saved runs; returns the exit status (0: bitwise equal everywhere)."""
+def _is_checksum_gather(entry: Any) -> bool:
+    """The agreement check's all-gather (``pcpp.agreement``: 8 int64 words per rank at steps 0 and 1), as logged:
+    ``("gather", output bytes, 64)``; no layer of these cases gathers 64 bytes."""
+    return entry[0] == "gather" and entry[2] == 64
+
+
+def _normalised(messages: list[Any]) -> list[Any]:
+    """``messages`` without the agreement check's all-gathers, with tags renumbered by first appearance."""
+    tags: dict[int, int] = {}
+    out: list[Any] = []
+    for entry in messages:
+        if entry[0] == "gather":
+            if not _is_checksum_gather(entry):
+                out.append(entry)
+            continue
+        out.append(("p2p", [(peer, send, tags.setdefault(tag, len(tags)), size) for peer, send, tag, size in entry[1]]))
+    return out
+
+
+def _without_agreement(runs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        case: [{**rank, "messages": _normalised(rank["messages"])} for rank in ranks] for case, ranks in runs.items()
+    }
+
+
+def compare(base_path: str, new_path: str, *, ignore_agreement: bool = False) -> int:
+    """Compare two saved runs; returns the exit status (0: bitwise equal everywhere).
+
+    With ``ignore_agreement``, both runs' message logs drop the agreement check's all-gathers (added after
+    b6d5b4f by the ranks-agree check) and have their tags renumbered in order of first use (converting more
+    module kinds, e.g. FreeU's up blocks, shifts every later layer's tag); outputs and byte counts are still compared
+    bitwise.
+    """
     base = torch.load(base_path, weights_only=False)
     new = torch.load(new_path, weights_only=False)
+    if ignore_agreement:
+        base, new = _without_agreement(base), _without_agreement(new)
     problems = _differences(base, new, "")
     tensors = sum(len(image["eps"]) + 1 for ranks in base.values() for rank in ranks for image in rank["images"])
     posts = sum(len(rank["messages"]) for ranks in base.values() for rank in ranks)
@@ -267,12 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare two saved runs bitwise")
     cmp.add_argument("base")
     cmp.add_argument("new")
+    cmp.add_argument(
+        "--ignore-agreement",
+        action="store_true",
+        help="drop the agreement check's all-gathers and renumber tags by first use before comparing messages",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.mode == "save":
         save(args.path)
         return 0
-    return compare(args.base, args.new)
+    return compare(args.base, args.new, ignore_agreement=args.ignore_agreement)
 
 
 if __name__ == "__main__":
