@@ -90,7 +90,6 @@ def direct(rank: int, world: int, family: Family, heights: tuple[int, int]) -> d
     for handle in handles:
         handle.remove()
     out["seen"] = seen
-    out["rows"] = pcpp.get_context(net).geometry.rows
     before = (pcpp.get_context(net).image, pcpp.get_context(net).step)
     try:
         residuals(net, inputs(family, heights[0], 12, 300, cond_scale=FACTOR - 1))
@@ -119,12 +118,14 @@ def pipeline_run(rank: int, world: int, spec: Spec, calls: list[Call], options: 
                 shapes.append([tuple(t.shape) for t in [*output[0], output[1]]])
 
         handles = [net.register_forward_hook(record) for net in nets]
-        result = {
+        result: dict[str, Any] = {
             "converted": [pcpp.is_converted(net) for net in nets],
             "images": [pipe(**call.kwargs(spec)).images for call in calls],
             "shapes": shapes,
-            "rows": pcpp.get_context(pipe.unet).geometry.rows,
         }
+        geometry = pcpp.get_context(pipe.unet).geometry
+        assert geometry is not None
+        result["rows"] = geometry.rows
         for handle in handles:
             handle.remove()
         pcpp.revert(pipe)
