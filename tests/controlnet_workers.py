@@ -58,6 +58,22 @@ def images(heights: tuple[int, int]) -> list[tuple[int, int, tuple[int, ...]]]:
     return [(heights[0], 12, (800, 500)), (heights[1], 10, (700,))]
 
 
+def build_unet(family: Family) -> UNet2DConditionModel:
+    torch.manual_seed(7)
+    return UNet2DConditionModel(**unet_config(family)).eval()
+
+
+def unet_output(unet: nn.Module, kwargs: dict[str, Any], res: list[Tensor]) -> Tensor:
+    """The UNet's output on the ControlNet's inputs and residuals ``res`` (down ones, then the mid one)."""
+    names = ("sample", "timestep", "encoder_hidden_states", "added_cond_kwargs")
+    with torch.no_grad():
+        return unet(
+            **{k: v for k, v in kwargs.items() if k in names},
+            down_block_additional_residuals=res[:-1],
+            mid_block_additional_residual=res[-1],
+        ).sample
+
+
 def residuals(net: nn.Module, kwargs: dict[str, Any]) -> list[Tensor]:
     with torch.no_grad():
         down, mid = net(**kwargs)
@@ -97,7 +113,16 @@ def direct(rank: int, world: int, family: Family, heights: tuple[int, int]) -> d
     except pcpp.PCPPError as error:
         out["error"] = (type(error).__name__, str(error))
     out["clock_unchanged"] = before == (pcpp.get_context(net).image, pcpp.get_context(net).step)
-    out["after_error"] = residuals(net, inputs(family, heights[0], 12, 800))  # a new image (the timestep rose)
+    first = inputs(family, heights[0], 12, 800)
+    out["after_error"] = residuals(net, first)  # a new image (the timestep rose)
+    # The converted UNet keeps these rows as they are; residuals of any other height are refused.
+    unet = pcpp.convert(build_unet(family), exact=True)
+    out["unet"] = unet_output(unet, first, out["after_error"])
+    try:
+        unet_output(unet, first, [*(t[:, :, 1:] for t in out["after_error"][:-1]), out["after_error"][-1]])
+        out["unet_error"] = None
+    except pcpp.PCPPError as error:
+        out["unet_error"] = (type(error).__name__, str(error))
     assert pcpp.revert(net) is net
     out["reverted"] = not pcpp.is_converted(net)
     out["after_revert"] = residuals(net, inputs(family, heights[0], 12, 800))
@@ -133,4 +158,4 @@ def pipeline_run(rank: int, world: int, spec: Spec, calls: list[Call], options: 
         return result
 
 
-__all__ = ["build_controlnet", "direct", "images", "inputs", "pipeline_run", "reference"]
+__all__ = ["build_controlnet", "build_unet", "unet_output", "direct", "images", "inputs", "pipeline_run", "reference"]

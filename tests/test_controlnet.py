@@ -14,7 +14,18 @@ import pytest
 import torch
 
 import pcpp
-from controlnet_workers import FACTOR, build_controlnet, direct, images, inputs, pipeline_run, reference, residuals
+from controlnet_workers import (
+    FACTOR,
+    build_controlnet,
+    build_unet,
+    direct,
+    images,
+    inputs,
+    pipeline_run,
+    reference,
+    residuals,
+    unet_output,
+)
 from pcpp.functional import partition_rows
 from pcpp.testing import run_distributed
 from pipeline_parts import Family, Spec, Task, build_pipeline
@@ -32,6 +43,7 @@ PIXEL_ATOL = 1e-4
 
 def _check_direct(world: int, family: Family, heights: tuple[int, int]) -> None:
     want = reference(family, heights)
+    unet_want = unet_output(build_unet(family), inputs(family, heights[0], 12, 800), want[0])
     results = run_distributed(direct, world, family, heights)
     for call, expected in enumerate(want):
         for i, full in enumerate(expected):
@@ -56,6 +68,12 @@ def _check_direct(world: int, family: Family, heights: tuple[int, int]) -> None:
         start = sum(split[:rank])
         own = want[0][0][:, :, start : start + split[rank]]
         torch.testing.assert_close(result["after_error"][0], own, rtol=0.0, atol=RESIDUAL_ATOL)  # still works
+        # The converted UNet given this rank's rows: the one-device output (gathered; same tolerance and reason).
+        torch.testing.assert_close(result["unet"], unet_want, rtol=0.0, atol=RESIDUAL_ATOL)
+        kind, message = result["unet_error"]
+        assert kind == "PCPPError"
+        assert "down_block_additional_residuals" in message, message
+        assert f"level 0: {heights[0]} rows whole or {split[rank]} rows on rank {rank}" in message, message
         # The original modules, whole again (not bitwise: the ranks run one thread, this process several).
         torch.testing.assert_close(result["after_revert"], want[0], rtol=0.0, atol=RESIDUAL_ATOL)
 
