@@ -189,8 +189,13 @@ def build_pipeline(spec: Spec, folder: Path) -> Any:
             ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
             for _ in range(spec.controlnets)
         ]
-        for net in nets:  # from_unet copies the UNet; fresh random zero-convs make the residuals non-zero
-            for module in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        for net in nets:  # from_unet copies the UNet; fresh random zero-convs make the residuals (and the control
+            # image's part in them, through the embedding's conv_out) non-zero
+            for module in [
+                *net.controlnet_down_blocks,
+                net.controlnet_mid_block,
+                net.controlnet_cond_embedding.conv_out,
+            ]:
                 torch.nn.init.normal_(module.weight, std=0.2)
         components["controlnet"] = nets[0] if spec.controlnets == 1 else nets
     pipe = _PIPELINES[(spec.family, spec.task)](**components)

@@ -15,6 +15,13 @@ from .audit import audit_conversion
 from .comm.groups import CommLike, ParallelGroups, resolve_groups
 from .config import Conditioning, PCPPConfig
 from .context import PatchContext
+from .controlnet import (
+    ControlNetConversion,
+    controlnet_conversion,
+    convert_controlnet,
+    is_controlnet,
+    revert_controlnet,
+)
 from .errors import ConversionError
 from .hooks import UNetHooks
 from .layers import AsyncGroupNorm, PartialPatchAttention, PartialPatchConv2d
@@ -37,6 +44,11 @@ class _Conversion:
     groups: ParallelGroups
     hooks: UNetHooks
     originals: list[tuple[str, nn.Module]]
+
+    @property
+    def contexts(self) -> tuple[PatchContext, ...]:
+        """Every context of the conversion (one for a UNet)."""
+        return (self.context,)
 
 
 def _supported_unet_types() -> tuple[type, ...]:
@@ -91,7 +103,10 @@ def convert(
     state-dict keys do not change. Cross-attention stays local.
 
     Args:
-        unet: a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL and fine-tunes) or ``UNet2DModel``; or an
+        unet: a ``UNet2DConditionModel`` (SD 1.x, 2.x, SDXL and fine-tunes) or ``UNet2DModel``; or a
+            ``ControlNetModel`` (SD or SDXL), which then runs on this rank's strip of the latent and of the control
+            image and returns this rank's rows of its residuals, for the converted UNet (see
+            :mod:`pcpp.controlnet`: pass the UNet's options and ``comm``; only the patch group is used); or an
             ``AutoencoderKL``, whose encoder and decoder then run on strips, always exact (see :mod:`pcpp.vae`:
             only ``comm``, ``timeout`` and ``fused_norm`` apply; ``partial``, ``warmup_steps``, ``conditioning``,
             ``detect_new_image`` and ``exchange_batch`` are refused if changed).
@@ -112,7 +127,7 @@ def convert(
         ``unet`` itself, converted.
 
     Raises:
-        ConversionError: a setting is out of range, ``unet`` is not a supported UNet or is already converted,
+        ConversionError: a setting is out of range, ``unet`` is not a supported model or is already converted,
             or ``comm`` does not describe a usable layout. Nothing is changed.
         UnsupportedModuleError: ``unet`` contains row-mixing modules pcpp cannot split (all are listed).
 
@@ -134,11 +149,13 @@ def convert(
         fused_norm=fused_norm,
         exchange_batch=exchange_batch,
     )
+    if is_controlnet(unet):
+        return convert_controlnet(unet, config=config, comm=comm)
     supported = _supported_unet_types()
     if not isinstance(unet, supported):
         raise ConversionError(
-            f"pcpp.convert expects a diffusers UNet ({', '.join(t.__name__ for t in supported)}) or AutoencoderKL, got "
-            f"{type(unet).__name__}; pass the pipeline's UNet, e.g. pcpp.convert(pipe.unet)."
+            f"pcpp.convert expects a diffusers UNet ({', '.join(t.__name__ for t in supported)}), ControlNetModel or "
+            f"AutoencoderKL, got {type(unet).__name__}; pass the pipeline's UNet, e.g. pcpp.convert(pipe.unet)."
         )
     if is_converted(unet):
         raise ConversionError(
@@ -176,9 +193,9 @@ def convert(
     return unet
 
 
-def _conversion(unet: nn.Module, verb: str) -> _Conversion:
-    conversion = getattr(unet, _ATTR, None)
-    if not isinstance(conversion, _Conversion):
+def _conversion(unet: nn.Module, verb: str) -> _Conversion | ControlNetConversion:
+    conversion = getattr(unet, _ATTR, None) or controlnet_conversion(unet)
+    if not isinstance(conversion, (_Conversion, ControlNetConversion)):
         raise ConversionError(
             f"pcpp.{verb}: this {type(unet).__name__} is not converted; call pcpp.convert(unet, ...) first."
         )
@@ -193,11 +210,18 @@ def is_converted(module: nn.Module) -> bool:
         >>> pcpp.is_converted(torch.nn.Linear(1, 1))
         False
     """
-    return isinstance(getattr(module, _ATTR, None), _Conversion) or is_vae_converted(module)
+    return (
+        isinstance(getattr(module, _ATTR, None), _Conversion)
+        or controlnet_conversion(module) is not None
+        or is_vae_converted(module)
+    )
 
 
 def get_context(unet: nn.Module) -> PatchContext:
     """The shared context of a converted UNet: ``config``, ``image``, ``step``, ``phase``, ``geometry``, ``stats``.
+
+    For a converted ControlNet: the context of its body (its conditioning embedding has a second one at pixel
+    scale, which follows the body's clock; see :mod:`pcpp.controlnet`).
 
     Raises:
         ConversionError: ``unet`` is not converted.
@@ -207,6 +231,8 @@ def get_context(unet: nn.Module) -> PatchContext:
 
 def comm_stats(unet: nn.Module) -> CommStats:
     """Bytes sent and received by this rank, per step and layer kind (see :class:`pcpp.stats.CommStats`).
+
+    For a converted ControlNet, those of its body (not of its conditioning embedding's halo rows).
 
     Raises:
         ConversionError: ``unet`` is not converted.
@@ -222,7 +248,8 @@ def reset(unet: nn.Module) -> None:
     Raises:
         ConversionError: ``unet`` is not converted.
     """
-    _conversion(unet, "reset").context.request_reset()
+    for context in _conversion(unet, "reset").contexts:
+        context.request_reset()
 
 
 def configure(unet: nn.Module, **changes: Any) -> PCPPConfig:
@@ -249,14 +276,15 @@ def configure(unet: nn.Module, **changes: Any) -> PCPPConfig:
     if unknown:
         raise ConversionError(f"pcpp.configure: unknown setting(s) {unknown}; known: {sorted(known)}.")
     config = dataclasses.replace(conversion.context.config, **changes)
-    conversion.context.reconfigure(config)
+    for context in conversion.contexts:
+        context.reconfigure(config)
     conversion.groups.apply_timeout(config.timeout)
     return config
 
 
 def revert(unet: M) -> M:
-    """Undo :func:`convert` (of a UNet or a VAE; or :func:`pcpp.parallelize` for a pipeline): put the original
-    modules back and remove the hooks. Returns ``unet`` (or the pipeline).
+    """Undo :func:`convert` (of a UNet, a ControlNet or a VAE; or :func:`pcpp.parallelize` for a pipeline): put
+    the original modules back and remove the hooks. Returns ``unet`` (or the pipeline).
 
     Waits for any exchange still in flight first.
 
@@ -269,7 +297,10 @@ def revert(unet: M) -> M:
         return revert_pipeline(unet)
     if is_vae(unet):
         return revert_vae(unet)
+    if is_controlnet(unet):
+        return revert_controlnet(unet)
     conversion = _conversion(unet, "revert")
+    assert isinstance(conversion, _Conversion)
     conversion.context.drain()
     conversion.hooks.remove()
     for name, original in reversed(conversion.originals):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ from .stats import LayerKind
 __all__ = ["UNetHooks", "gather_rows", "map_tensors"]
 
 # Inputs laid out like the latent (B, C, h, w) at some UNet level: ControlNet and T2I-Adapter residuals. Each
-# rank keeps its own rows of them, as of the sample itself (which the entry conv slices).
+# rank keeps its own rows of them, as of the sample itself (which the entry conv slices). They come full height
+# (an unconverted ControlNet, an adapter: cut here) or already as this rank's rows (a converted ControlNet, see
+# pcpp.controlnet: kept, and left out of the agreement check, since each rank's rows differ by design).
 _SPATIAL_INPUTS = frozenset(
     {"down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"}
 )
@@ -63,16 +66,21 @@ class UNetHooks:
 
     # Host bookkeeping (step counter, phase, image detection) stays out of compiled graphs: traced, it would make
     # Dynamo guard on the phase and compile the UNet once per phase.
-    @torch.compiler.disable
-    def _pre(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[()], dict[str, Any]]:
-        check_call(module)  # FreeU may have been switched on after conversion: its up blocks must be pcpp's
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The model's call arguments by name (``**kwargs`` of its ``forward`` flattened in)."""
         bound = self._signature.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
         for name, param in self._signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
                 arguments.update(arguments.pop(name))
+        return arguments
+
+    @torch.compiler.disable
+    def _pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[()], dict[str, Any]]:
+        check_call(module)  # FreeU may have been switched on after conversion: its up blocks must be pcpp's
+        arguments = self.bind(args, kwargs)
         sample = arguments.get("sample")
         if not isinstance(sample, Tensor) or sample.ndim != 4:
             raise PCPPError(
@@ -84,16 +92,23 @@ class UNetHooks:
             _timestep_value(arguments.get("timestep")) if ctx.config.detect_new_image and not is_capturing() else None
         )
         ctx.begin_step(sample.shape[2], sample.shape[3], timestep)
-        if ctx.step in CHECKED_STEPS:  # before the CFG split: the ranks of the CFG group hold the same full batch
-            check_ranks_agree(self.groups, arguments, ctx.config, image=ctx.image, step=ctx.step)
-        ctx.exchange.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
         geo = ctx.geometry
         assert geo is not None
+        if ctx.step in CHECKED_STEPS:  # before the CFG split: the ranks of the CFG group hold the same full batch
+            rank, split = ctx.patch.rank, ctx.patch.world_size > 1
+            # Rows of a converted ControlNet differ between ranks by design; that ControlNet compared its own inputs.
+            local = {
+                n for n in _SPATIAL_INPUTS & arguments.keys() if split and _holds_own_rows(arguments[n], geo, rank, n)
+            }
+            compared = {k: v for k, v in arguments.items() if k not in local}
+            check_ranks_agree(self.groups, compared, ctx.config, image=ctx.image, step=ctx.step)
+        ctx.exchange.order_token(sample.device)  # made here, outside any compiled graph, so compiled code finds it
         if self.groups.cfg_split:
             arguments = self._split_cfg(arguments, sample.shape[0])
         if ctx.patch.world_size > 1:
             for name in _SPATIAL_INPUTS & arguments.keys():
-                arguments[name] = map_tensors(arguments[name], lambda t: _own_rows(t, geo, ctx.patch.rank))
+                own = partial(_own_rows, geo=geo, rank=ctx.patch.rank, name=name)
+                arguments[name] = map_tensors(arguments[name], own)
         return (), arguments
 
     def _split_cfg(self, arguments: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -156,17 +171,48 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
     return value
 
 
-def _own_rows(t: Tensor, geo: Geometry, rank: int) -> Tensor:
+def _own_slice(t: Tensor, geo: Geometry, rank: int, name: str) -> slice | None:
+    """This rank's rows of the spatial side input ``t`` (whole height), or ``None`` if ``t`` already is this rank's
+    rows (a converted ControlNet's residual).
+
+    The width picks the level (strips span the whole width, and each stride-2 stage halves it, rounding down or
+    up), so a strip at one level is never mistaken for the whole map at a deeper one of the same height.
+
+    Raises:
+        PCPPError: ``t`` is neither the whole map nor this rank's rows at any level.
+    """
+    height, width = t.shape[2], t.shape[3]
+    seen: list[str] = []
+    for level in range(geo.levels + 1):
+        if not geo.width >> level <= width <= -(-geo.width >> level):
+            continue
+        whole, mine = geo.level_height(level), geo.strip_rows(level)[rank]
+        if height == whole:
+            start = geo.strip_start(rank, level)
+            return slice(start, start + mine)
+        if height == mine:
+            return None
+        seen.append(f"level {level}: {whole} rows whole or {mine} rows on rank {rank}")
+    where = "; ".join(seen) if seen else "its width matches no level"
+    raise PCPPError(
+        f"the spatial side input {name} has shape {tuple(t.shape)}, neither the whole map nor rank {rank}'s rows at "
+        f"any level of the {geo.height}x{geo.width} latent ({where}); residuals must have the sizes of the UNet's "
+        "own activations, whole or this rank's strip."
+    )
+
+
+def _holds_own_rows(value: Any, geo: Geometry, rank: int, name: str) -> bool:
+    """Whether any (B, C, h, w) tensor in ``value`` already is this rank's rows."""
+    found: list[bool] = []
+    map_tensors(value, lambda t: found.append(t.ndim == 4 and _own_slice(t, geo, rank, name) is None))
+    return any(found)
+
+
+def _own_rows(t: Tensor, *, geo: Geometry, rank: int, name: str) -> Tensor:
     if t.ndim != 4:
         return t
-    for level in range(geo.levels + 1):
-        if t.shape[2] == geo.level_height(level):
-            start = geo.strip_start(rank, level)
-            return t[:, :, start : start + geo.strip_rows(level)[rank]]
-    raise PCPPError(
-        f"a spatial side input of height {t.shape[2]} matches no level of the {geo.height}-row latent; "
-        "residuals must have the heights of the UNet's own activations."
-    )
+    rows = _own_slice(t, geo, rank, name)
+    return t if rows is None else t[:, :, rows]
 
 
 def gather_rows(strip: Tensor, comm: PatchCommunicator, rows: tuple[int, ...], ctx: PatchContext) -> Tensor:

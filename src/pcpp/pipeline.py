@@ -1,10 +1,11 @@
 """Whole diffusers pipelines: ``pcpp.parallelize(pipe)`` converts what runs per step and keeps ``pipe(...)`` as is.
 
 Every rank builds the same pipeline, calls :func:`parallelize` on it and then calls ``pipe(...)`` with the same
-inputs (prompt, seed, sizes, images). The UNet is converted with :func:`pcpp.convert`; so is the VAE with
-``vae=VAEPlacement.PARALLEL`` (its encoder and decoder then run on strips, exact). The text encoders, the
-ControlNet(s), the scheduler (and the VAE with ``VAEPlacement.WHOLE``) run whole on every rank, on identical inputs,
-so they agree without communication. The ControlNet residuals are cut to each rank's rows by the converted UNet.
+inputs (prompt, seed, sizes, images). The UNet is converted with :func:`pcpp.convert`; so is each ControlNet, with
+the UNet's options (it runs on this rank's strip of the latent and of the control image and hands the UNet this
+rank's rows of its residuals; see :mod:`pcpp.controlnet`), and the VAE with ``vae=VAEPlacement.PARALLEL`` (its
+encoder and decoder then run on strips, exact). The text encoders, the scheduler (and the VAE with
+``VAEPlacement.WHOLE``) run whole on every rank, on identical inputs, so they agree without communication.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any, TypeVar
 
 from .api import convert, is_converted, reset, revert
 from .comm.groups import CommLike, resolve_groups
+from .controlnet import controlnet_nets
 from .errors import ConversionError
+from .plan import unet_levels
 
 __all__ = ["OutputPlacement", "VAEPlacement", "is_parallelized", "parallelize", "revert_pipeline"]
 
@@ -29,7 +32,7 @@ P = TypeVar("P")
 _ATTR = "_pcpp_pipeline"
 
 # The pipelines whose every per-step model input pcpp knows: the UNet's sample, its conditioning, and spatial side
-# inputs (ControlNet residuals) that the UNet hook cuts to each rank's rows. Checked by exact type: a subclass may
+# inputs (the converted ControlNets' residuals, already each rank's rows). Checked by exact type: a subclass may
 # call its UNet differently.
 _SUPPORTED = (
     "StableDiffusionPipeline",
@@ -139,6 +142,18 @@ def _check(pipe: Any, vae: VAEPlacement, output: OutputPlacement, convert_option
             f"the UNet of this {name} was already converted with pcpp.convert; call pcpp.revert(pipe.unet) first, "
             "then pcpp.parallelize(pipe, ...) alone converts it."
         )
+    for i, net in enumerate(controlnet_nets(getattr(pipe, "controlnet", None))):
+        if is_converted(net):
+            raise ConversionError(
+                f"ControlNet {i} of this {name} was already converted with pcpp.convert; call pcpp.revert on it "
+                "first, then pcpp.parallelize(pipe, ...) alone converts it."
+            )
+        # Its residuals must be cut into the UNet's strips: the same stride-2 stages give the same row unit.
+        if unet_levels(net) != unet_levels(pipe.unet):
+            raise ConversionError(
+                f"ControlNet {i} of this {name} has {unet_levels(net)} stride-2 stages and the UNet "
+                f"{unet_levels(pipe.unet)}; pcpp splits a ControlNet built like its UNet (ControlNetModel.from_unet)."
+            )
 
 
 def parallelize(
@@ -154,8 +169,9 @@ def parallelize(
     Every rank must call this on an identical pipeline, then call ``pipe(...)`` with identical arguments (prompt,
     generator seed, sizes, images): each rank denoises one horizontal strip of the latent, and every rank (or the
     first, see ``output``) gets the image of one device. Each call of ``pipe`` starts a new image (synchronous
-    warmup again). The UNet (and, by default, the VAE) is converted by :func:`pcpp.convert`; a 2-D
-    ``("cfg", "patch")`` mesh also splits the classifier-free-guidance batch. The progress bar shows on the first
+    warmup again). The UNet, the ControlNet(s) (and, by default, the VAE) are converted by :func:`pcpp.convert`;
+    a 2-D ``("cfg", "patch")`` mesh also splits the classifier-free-guidance batch (the UNet's; a ControlNet
+    runs its strip for the whole batch it is given). The progress bar shows on the first
     rank only. LoRA weights may be loaded (``load_lora_weights``, ``set_adapters``, ``fuse_lora``) before or after;
     the scheduler may be any diffusers scheduler and may be swapped afterwards.
 
@@ -172,8 +188,9 @@ def parallelize(
 
     Raises:
         ConversionError: ``pipe`` is not a supported pipeline or is already parallelised, an option is unknown or
-            invalid, ``comm`` is unusable, or the VAE is tiled with ``VAEPlacement.PARALLEL``. Nothing is changed.
-        UnsupportedModuleError: the UNet has modules pcpp cannot split. Nothing is changed.
+            invalid, ``comm`` is unusable, a ControlNet cannot be split (``global_pool_conditions``, stages unlike
+            the UNet's), or the VAE is tiled with ``VAEPlacement.PARALLEL``. Nothing is changed.
+        UnsupportedModuleError: the UNet or a ControlNet has modules pcpp cannot split. Nothing is changed.
 
     Example:
         >>> import torch, torch.distributed as dist, pcpp  # doctest: +SKIP
@@ -188,18 +205,23 @@ def parallelize(
     _check(pipe, vae, output, convert_options)
     groups = resolve_groups(comm)
     first = groups.patch.rank == 0 and (groups.cfg is None or groups.cfg.rank == 0)
-    convert(pipe.unet, comm=groups, **convert_options)  # type: ignore[attr-defined]
-    if vae is VAEPlacement.PARALLEL:
-        vae_options = {k: v for k, v in convert_options.items() if k in ("timeout", "fused_norm")}
-        try:
-            # The VAE shares the UNet's communicator and message tags. After asynchronous steps the UNet's layers
-            # have messages in flight for a step that never comes, but every pair of ranks posted them both ways,
-            # and messages between two ranks with one tag are matched in posting order: they meet each other, not
-            # the VAE's (tests/test_vae.py checks it).
-            convert(pipe.vae, comm=groups.patch, **vae_options)  # type: ignore[attr-defined]
-        except BaseException:
-            revert(pipe.unet)  # type: ignore[attr-defined]
-            raise
+    converted: list[Any] = []
+    try:
+        converted.append(convert(pipe.unet, comm=groups, **convert_options))  # type: ignore[attr-defined]
+        # The ControlNets and the VAE share the UNet's communicator and message tags (each model numbers its
+        # layers from 1). Every rank runs the models in the same order, and messages between two ranks with one
+        # tag are matched in posting order, so they meet their own kind; after asynchronous steps a model's layers
+        # have messages in flight for a step that never comes, but every pair of ranks posted them both ways, so
+        # they meet each other, not the next model's (tests/test_vae.py and tests/test_controlnet.py check it).
+        for net in controlnet_nets(getattr(pipe, "controlnet", None)):
+            converted.append(convert(net, comm=groups, **convert_options))
+        if vae is VAEPlacement.PARALLEL:
+            vae_options = {k: v for k, v in convert_options.items() if k in ("timeout", "fused_norm")}
+            converted.append(convert(pipe.vae, comm=groups.patch, **vae_options))  # type: ignore[attr-defined]
+    except BaseException:
+        for model in reversed(converted):
+            revert(model)
+        raise
     # Nothing below can fail: the checks and the conversion are done.
     progress_bar = dict(getattr(pipe, "_progress_bar_config", None) or {})
     # A bar the user turned off stays off; otherwise it shows on the first rank only.
@@ -232,8 +254,8 @@ def is_parallelized(pipe: Any) -> bool:
 
 
 def revert_pipeline(pipe: P) -> P:
-    """Undo :func:`parallelize`: revert the UNet (and the VAE if it was converted), restore the progress bar
-    settings and the pipeline's class.
+    """Undo :func:`parallelize`: revert the UNet, the ControlNets (and the VAE if it was converted), restore the
+    progress bar settings and the pipeline's class.
 
     A LoRA loaded after :func:`parallelize` stays loaded on the modules it was loaded into; unload it
     (``pipe.unload_lora_weights()``) before reverting, as converted self-attention modules are replaced by the
@@ -256,6 +278,9 @@ def revert_pipeline(pipe: P) -> P:
     unet = pipe.unet  # type: ignore[attr-defined]
     if is_converted(unet):
         revert(unet)
+    for net in controlnet_nets(getattr(pipe, "controlnet", None)):
+        if is_converted(net):
+            revert(net)
     if state.vae is VAEPlacement.PARALLEL and is_converted(pipe.vae):  # type: ignore[attr-defined]
         revert(pipe.vae)  # type: ignore[attr-defined]
     pipe.set_progress_bar_config(**state.progress_bar)  # type: ignore[attr-defined]
@@ -275,7 +300,8 @@ def _parallel_class(cls: type) -> type:
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         state: _Parallelized = getattr(self, _ATTR)
-        reset(self.unet)
+        for model in [self.unet, *controlnet_nets(getattr(self, "controlnet", None))]:
+            reset(model)
         if state.first or state.output is OutputPlacement.ALL_RANKS:
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
