@@ -118,3 +118,53 @@ def bad_input(rank: int, world: int) -> dict[str, Any]:
             errors["tiling_convert"] = str(err)
         errors["tiled_converted"] = pcpp.is_converted(tiled)
     return errors
+
+
+def build_small_vae(seed: int = 0) -> AutoencoderKL:
+    """:func:`build_vae` with two levels (one upsampler, one downsampler): every kind of layer the parallel VAE
+    converts (convolutions with halos, GroupNorms, the mid-block attention, an upsampler), half the code to
+    compile."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+
+
+def compiled_decode(rank: int, world: int, height: int, width: int, target: str) -> dict[str, Any]:
+    """The converted (small) VAE's decode under ``torch.compile`` (Inductor, static shapes) twice, the second call
+    reusing the compiled code, then eagerly; with Dynamo's counts of graphs compiled and of graph breaks.
+
+    ``target`` is what is compiled: ``"decoder"`` (``vae.decoder = torch.compile(vae.decoder)``, called through
+    ``vae.decode``) or ``"decode"`` (``torch.compile(vae.decode)``).
+    """
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    vae = pcpp.convert(build_small_vae())
+    z = latent(height, width)
+    with torch.no_grad():
+        if target == "decoder":
+            plain = vae.decoder
+            vae.decoder = torch.compile(plain, backend="inductor", dynamic=False)
+            compiled = [vae.decode(z).sample for _ in range(2)]
+            vae.decoder = plain
+        else:
+            decode = torch.compile(vae.decode, backend="inductor", dynamic=False)
+            compiled = [decode(z).sample for _ in range(2)]
+        eager = vae.decode(z).sample
+    return {
+        "compiled": compiled,
+        "eager": eager,
+        "graphs": counters["stats"]["unique_graphs"],
+        "breaks": sum(counters["graph_break"].values()),
+        "break_reasons": sorted(counters["graph_break"]),
+    }

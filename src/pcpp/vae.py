@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -100,6 +101,11 @@ class _Half:
         for name, original in reversed(self.originals):
             _set_submodule(module, name, original)
 
+    # Host bookkeeping (the new image, the strip geometry, logging) and the output gather (an asynchronous
+    # all-gather and a host-side wait) stay out of compiled graphs, as the UNet's hooks (pcpp.hooks): traced, each
+    # is a graph break, and the geometry would be guarded on. The layers' exchanges inside the half are pcpp's
+    # custom operators (pcpp.layers._ops), so a compiled decoder is one graph (tests/test_vae_compile.py).
+    @torch.compiler.disable
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if getattr(self.vae, "use_tiling", False):
             raise PCPPError(f"the VAE's {self.name} is converted by pcpp and tiling was switched on: {_TILING}")
@@ -108,7 +114,9 @@ class _Half:
             raise PCPPError(f"a converted VAE {self.name} expects a (B, C, H, W) tensor as its sample.")
         self.context.request_reset()  # every call is one whole, synchronous pass: a new image
         self.context.begin_step(sample.shape[2], sample.shape[3], None)
+        self.context.exchange.order_token(sample.device)  # made here, outside any compiled graph, as the UNet's
 
+    @torch.compiler.disable
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Tensor:
         ctx = self.context
         try:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pcpp import PCPPConfig, convert, reset
+from pcpp import PCPPConfig, VAEPlacement, convert, reset
 
 from .records import PromptRecord
 
@@ -90,15 +90,16 @@ def tiny_backend(device: torch.device) -> TinyBackend:
     return TinyBackend(load_tiny(device=device))
 
 
-def parallelize_pipeline(pipe: Any, comm: Any, config: PCPPConfig) -> None:
-    """Make a diffusers pipeline patch-parallel with :func:`pcpp.parallelize` (its UNet and its VAE; a pipeline
-    pcpp does not support is refused there, before anything changes).
+def parallelize_pipeline(pipe: Any, comm: Any, config: PCPPConfig, vae: VAEPlacement = VAEPlacement.PARALLEL) -> None:
+    """Make a diffusers pipeline patch-parallel with :func:`pcpp.parallelize` (its UNet, and its VAE unless
+    ``vae`` is ``VAEPlacement.WHOLE``; a pipeline pcpp does not support is refused there, before anything changes).
 
-    This is the one place the pipeline path converts a model.
+    This is the one place the pipeline path converts a model (``pcpp generate``, with or without ``--prompts``,
+    and :mod:`pcpp.lightning`).
     """
     from ..pipeline import parallelize  # lazily: pcpp.pipeline imports diffusers' pipelines
 
-    parallelize(pipe, comm=comm, **_convert_kwargs(config))
+    parallelize(pipe, comm=comm, vae=vae, **_convert_kwargs(config))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Order of work, and why:
 
 1. Every argument is checked (:func:`~pcpp.cli.options.parse_options`) before a process group or a model exists,
    so a usage error costs no model load and every rank refuses it alike (rank 0 prints it).
-2. The ranks join the job, load the model and make the parallel image together.
+2. The ranks join the job, load the model, make it patch-parallel as ``--prompts`` does (the tiny model's UNet
+   with :func:`pcpp.convert`; a pipeline with :func:`pcpp.parallelize`, its VAE on strips unless ``--vae whole``)
+   and make the parallel image together, then undo the conversion (:func:`pcpp.revert`).
 3. The process group is closed; rank 0 alone saves the image (prompt, seed and settings in its PNG text chunks),
    then computes the single-device reference and compares. Computing the reference after the parallel image means
    no peer is ever waiting on it, so ``--timeout-s`` bounds only the waits on peers during the parallel image,
@@ -13,6 +15,7 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -21,17 +24,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pcpp import convert, revert
+from pcpp import PCPPConfig, revert
+from pcpp.batch import TinyBackend, parallelize_pipeline
 
 from .failures import report_failure
-from .job import init_distributed, load_pipeline, position, settings_text
+from .job import init_distributed, load_pipeline, pcpp_config, position, settings_text
 from .options import GenerateOptions, UsageError, parse_options
 
 __all__ = ["generate_main"]
@@ -41,9 +44,18 @@ logger = logging.getLogger("pcpp.generate")
 
 @dataclass(frozen=True)
 class _Runner:
-    """A loaded model: its UNet (to convert) and a function making the image, ``run(progress) -> (3, H, W)``."""
+    """A loaded model and what the command does with it.
 
-    unet: Any
+    Attributes:
+        parallelize: ``(comm, config)``: makes the model patch-parallel, as ``--prompts`` does (the tiny model's
+            UNet by :func:`pcpp.convert`; a pipeline by :func:`pcpp.parallelize`, the VAE placed by ``--vae``).
+        converted: What ``parallelize`` converted, for :func:`pcpp.revert`: the tiny UNet, or the pipeline.
+        run: ``run(progress) -> (3, H, W)``: makes the image.
+        guidance: The CFG scale used (None if unknown).
+    """
+
+    parallelize: Callable[[Any, PCPPConfig], None]
+    converted: Any
     run: Callable[[bool], Tensor]
     guidance: float | None
 
@@ -71,7 +83,7 @@ def _tiny_runner(options: GenerateOptions, device: torch.device) -> _Runner:
         size = {"height": options.height, "width": options.width, "steps": options.steps}
         return sample(model, [options.prompt], **size, guidance=guidance, generator=gen, progress=progress)[0].cpu()
 
-    return _Runner(model.unet, run, guidance)
+    return _Runner(TinyBackend(model).parallelize, model.unet, run, guidance)
 
 
 def _pipeline_runner(options: GenerateOptions, device: torch.device) -> _Runner:
@@ -90,7 +102,7 @@ def _pipeline_runner(options: GenerateOptions, device: torch.device) -> _Runner:
         return out.float().cpu()
 
     guidance_value = float(guidance) if isinstance(guidance, (int, float)) else None
-    return _Runner(pipe.unet, run, guidance_value)
+    return _Runner(functools.partial(parallelize_pipeline, pipe, vae=options.vae), pipe, run, guidance_value)
 
 
 def png_text(options: GenerateOptions, guidance: float | None) -> dict[str, str]:
@@ -128,19 +140,11 @@ def _parallel_image(options: GenerateOptions) -> tuple[Tensor, float, _Runner]:
     try:
         logger.info("loading model %s on %s", options.model, device)
         runner = _tiny_runner(options, device) if options.model == "tiny" else _pipeline_runner(options, device)
-        convert(
-            runner.unet,
-            comm=_comm(options, device),
-            partial=options.partial,
-            warmup_steps=options.warmup_steps,
-            conditioning=options.conditioning,
-            exact=options.exact,
-            timeout=timedelta(seconds=options.timeout_s),
-        )
+        runner.parallelize(_comm(options, device), pcpp_config(options))
         start = time.perf_counter()
         image = runner.run(options.rank == 0)
         elapsed = time.perf_counter() - start
-        revert(runner.unet)
+        revert(runner.converted)  # the reference (rank 0, below) runs on the plain model
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -187,12 +191,13 @@ def _generate(options: GenerateOptions) -> int:
         "mode": options.mode,
         "steps": options.steps,
         "synchronous_steps": options.synchronous_steps,
+        **({} if options.model == "tiny" else {"vae": options.vae.value}),
         "seconds": elapsed,
         "image": str(options.out),
     }
     if options.reference:
         start = time.perf_counter()
-        reference = runner.run(True)  # runner.unet is reverted: this is the plain single-device UNet
+        reference = runner.run(True)  # runner.converted is reverted: this is the plain single-device model
         report["single_device_seconds"] = time.perf_counter() - start
         report.update(_compare(image, reference))
         psnr = "identical" if report["identical"] else f"PSNR {report['psnr_db']:.2f} dB"

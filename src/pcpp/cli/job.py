@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pcpp import Conditioning, __version__
+from pcpp import Conditioning, PCPPConfig, __version__
 
 from .options import GenerateOptions, UsageError
 
-__all__ = ["init_distributed", "load_pipeline", "position", "settings_text"]
+__all__ = ["init_distributed", "load_pipeline", "pcpp_config", "position", "settings_text"]
 
 
 def position() -> tuple[int, int]:
@@ -59,6 +59,25 @@ def load_pipeline(model: str, device: torch.device) -> Any:
         raise UsageError(f"--model {model}: cannot load it as a diffusers pipeline: {exc}") from exc
 
 
+def pcpp_config(options: GenerateOptions) -> PCPPConfig:
+    """How pcpp splits the model, from the run's options (the other settings keep :class:`pcpp.PCPPConfig`'s
+    defaults).
+
+    Args:
+        options: The run's options.
+
+    Returns:
+        The configuration every rank converts with.
+    """
+    return PCPPConfig(
+        partial=options.partial,
+        warmup_steps=options.warmup_steps,
+        conditioning=options.conditioning,
+        exact=options.exact,
+        timeout=timedelta(seconds=options.timeout_s),
+    )
+
+
 def settings_text(options: GenerateOptions) -> dict[str, str]:
     """The PNG text chunks of the run's settings (the model and how pcpp split it), the same for every image.
 
@@ -83,6 +102,8 @@ def settings_text(options: GenerateOptions) -> dict[str, str]:
         "cfg_split": str(options.cfg_split).lower(),
         "world_size": str(options.world),
     }
+    if options.model != "tiny":  # a pipeline's VAE; --prompts always decodes in parallel
+        text["vae"] = options.vae.value
     if options.prompts is not None:
         text["group_size"] = str(options.group_size)
     text["pcpp_version"] = __version__

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pcpp import Conditioning
+from pcpp import Conditioning, VAEPlacement
 from pcpp.batch import GroupLayout, PromptFile, PromptRecord, RecordDefaults, read_prompt_file
 
 from .errors import UsageError
@@ -90,6 +90,14 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     add("--exact", action="store_true", help="every step synchronous, reproduces one device (no --partial/--warmup)")
     add("--cfg-split", action="store_true", help="split the CFG batch over 2 groups (an even number of processes)")
     add("--no-reference", action="store_true", help="skip the single-device comparison")
+    add(
+        "--vae",
+        choices=[p.value for p in VAEPlacement],
+        default=None,
+        help="where a pipeline's VAE decodes: 'parallel', each process its strip (exact; about 1/N of the "
+        "activations each), or 'whole', every process the whole image, as on one device. Not for --model tiny "
+        f"(no VAE); --prompts decodes in parallel (default: {VAEPlacement.PARALLEL.value})",
+    )
     add("--out", default=None, help=f"where rank 0 saves the image, PNG (default: {DEFAULT_OUT}; not with --prompts)")
     add(
         "--prompts",
@@ -135,6 +143,7 @@ class GenerateOptions:
         prompts: With ``--prompts``: the records read from the file and the lines skipped; None for one image.
         out_dir: With ``--prompts``: the image folder; None for one image.
         group_size: Processes per image: the world for one image, ``--group-size`` with ``--prompts``.
+        vae: Where a pipeline's VAE decodes (:class:`pcpp.VAEPlacement`); unused by the tiny model.
     """
 
     prompt: str
@@ -159,6 +168,7 @@ class GenerateOptions:
     prompts: PromptFile | None = None
     out_dir: Path | None = None
     group_size: int = 1
+    vae: VAEPlacement = VAEPlacement.PARALLEL
 
     @property
     def layout(self) -> GroupLayout:
@@ -240,6 +250,16 @@ def _check_numbers(ns: argparse.Namespace) -> None:
         raise UsageError(f"--guidance {ns.guidance} must be a finite number")
     if not 0 <= ns.seed < 2**63:
         raise UsageError(f"--seed {ns.seed} must be in [0, 2**63)")
+
+
+def _check_vae(ns: argparse.Namespace) -> None:
+    """``--vae`` places a pipeline's VAE for one image: refused where it would have no effect."""
+    if ns.vae is None:
+        return
+    if ns.model == "tiny":
+        raise UsageError(f"--vae {ns.vae}: the tiny model draws pixels directly and has no VAE; drop --vae")
+    if ns.prompts is not None and ns.vae != VAEPlacement.PARALLEL.value:
+        raise UsageError(f"--vae {ns.vae} applies to one image; --prompts always decodes in parallel")
 
 
 def _check_model(model: str) -> None:
@@ -329,7 +349,8 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
         UsageError: An argument is malformed, out of range, contradicts another, names an unwritable output,
             (tiny model) the prompt has a word the model does not know, ``--group-size`` does not divide the world,
             or the ``--prompts`` file cannot be read or has no line that can be made (a malformed line alone is
-            skipped and listed in ``prompts.skipped``); the message is one line.
+            skipped and listed in ``prompts.skipped``), or ``--vae`` is given where it has no effect (the tiny
+            model; ``whole`` with ``--prompts``); the message is one line.
     """
     ns = build_parser(quiet=rank != 0).parse_args(argv)
     _check_modes(ns)
@@ -337,6 +358,7 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
     group = _check_group(ns, world)
     strips = group // 2 if ns.cfg_split else group
     _check_model(ns.model)
+    _check_vae(ns)
     rule = size_rule(ns.model)
     if ns.prompts is None:
         problem = rule.problem(ns.height, ns.width, strips) if rule is not None else None
@@ -368,4 +390,5 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
         prompts=prompts,
         out_dir=out_dir,
         group_size=group,
+        vae=VAEPlacement.PARALLEL if ns.vae is None else VAEPlacement(ns.vae),
     )
