@@ -125,7 +125,7 @@ def test_usage_error_under_torchrun_is_printed_once_by_rank_0(tmp_path: Path) ->
     ], output
     assert done.returncode == 1, output  # torchrun's own status for any failed worker
     # torchrun's root cause is a rank that exited with 2, and its report quotes pcpp's line (from the error file).
-    # The other rank exits with 2 too, unless torchrun's SIGTERM (sent once one worker failed) reaches it first.
+    # Rank 0 exits first (the other ranks wait for it to print), so torchrun names it; the others get its SIGTERM.
     root_cause = output.split("Root Cause")[-1]
     assert "exitcode  : 2" in root_cause, output
     assert "traceback : pcpp generate: error: --partial 2 is outside [0, 1]" in root_cause, output

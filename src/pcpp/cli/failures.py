@@ -26,6 +26,11 @@ __all__ = ["USAGE_STATUS", "FAULT_STATUS", "report_failure"]
 USAGE_STATUS = 2
 FAULT_STATUS = 1
 
+# A usage error is printed by rank 0 alone. The other ranks wait this long before they exit: torchrun stops every
+# worker (SIGTERM) as soon as one exits non-zero, so a rank that exited first could kill rank 0 before it printed.
+# Rank 0's exit ends the wait early (torchrun stops the others then); run without torchrun, rank 0 is alone.
+_USAGE_GRACE_S = 10.0
+
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -67,4 +72,6 @@ def report_failure(exc: BaseException, *, rank: int, debug: bool) -> int:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
     _write_torchrun_error_file(line)
+    if usage and rank != 0:
+        time.sleep(_USAGE_GRACE_S)
     return USAGE_STATUS if usage else FAULT_STATUS
