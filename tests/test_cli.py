@@ -75,11 +75,17 @@ def _run(folder: Path, command: list[str]) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr, folder)
 
 
+# The cases also run as real commands (``python -m pcpp generate``): one of pcpp's own checks, and the three that
+# come from argparse or the file system. The others run in this process through the same entry point,
+# ``generate_main``: each subprocess costs seconds of torch and diffusers imports, which would double this file's time.
+SUBPROCESS_CASES = ("partial-above-1", "unknown-option", "not-an-int", "missing-model")
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     root = tmp_path_factory.mktemp("cli")
     generate = [sys.executable, "-m", "pcpp", "generate"]
-    commands = {name: [*generate, *args] for name, args, _ in USAGE_CASES}
+    commands = {name: [*generate, *args] for name, args, _ in USAGE_CASES if name in SUBPROCESS_CASES}
     commands["good"] = [*generate, *GOOD, "--out", "{tmp}/good.png"]
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(_run, root / name, cmd) for name, cmd in commands.items()}
@@ -94,11 +100,38 @@ def test_a_good_command_line_reaches_the_model(outcomes: dict[str, Outcome]) -> 
     assert (good.folder / "good.png").is_file()
 
 
-@pytest.mark.parametrize(("name", "phrase"), [(name, phrase) for name, _, phrase in USAGE_CASES])
+def _run_in_process(folder: Path, args: list[str], capsys: pytest.CaptureFixture[str]) -> Outcome:
+    """``generate_main(args)`` in this process, as one process without torchrun, in a fresh ``folder``."""
+    from pcpp.cli.generate import generate_main
+
+    folder.mkdir(parents=True)
+    (folder / "file").write_text("not a folder")
+    args = [a.replace("{tmp}", str(folder)).replace("{file}", str(folder / "file")) for a in args]
+    capsys.readouterr()
+    status = generate_main(args)
+    captured = capsys.readouterr()
+    return Outcome(status, captured.out, captured.err, folder)
+
+
+@pytest.mark.parametrize(("name", "args", "phrase"), USAGE_CASES, ids=[name for name, _, _ in USAGE_CASES])
 def test_usage_error_is_one_line_once_with_status_2_before_any_model(
-    outcomes: dict[str, Outcome], name: str, phrase: str
+    outcomes: dict[str, Outcome],
+    name: str,
+    args: list[str],
+    phrase: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    outcome = outcomes[name]
+    if name in SUBPROCESS_CASES:
+        outcome = outcomes[name]
+    else:
+        for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.chdir(tmp_path)
+        # A run that got past the checks configures logging onto this (captured) stderr and logs "loading model"
+        # there, as the real command does, so the one-line check below holds in this process too.
+        outcome = _run_in_process(tmp_path / name, args, capsys)
     lines = outcome.stderr.splitlines()
     assert outcome.returncode == 2, outcome.stderr
     assert len(lines) == 1, outcome.stderr  # so no `loading model` line, no traceback, no usage block
