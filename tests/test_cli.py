@@ -189,7 +189,7 @@ def test_a_fault_is_one_line_per_failing_rank_with_status_1(
     assert capsys.readouterr().err == line + " (rerun with --debug for the traceback)\n"
     assert json.loads(error_file.read_text())["message"]["message"].startswith(line)
 
-    assert report_failure(UsageError("--steps 0 must be at least 1"), rank=1, debug=False) == 2
+    assert report_failure(UsageError("--steps 0 must be at least 1"), rank=1, debug=False, usage_wait_s=0) == 2
     assert capsys.readouterr().err == ""
     assert report_failure(UsageError("--steps 0 must be at least 1"), rank=0, debug=False) == 2
     assert capsys.readouterr().err == "pcpp generate: error: --steps 0 must be at least 1\n"

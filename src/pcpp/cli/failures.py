@@ -49,13 +49,14 @@ def _write_torchrun_error_file(line: str) -> None:
         pass  # the report is a courtesy to torchrun; the line on stderr is what matters
 
 
-def report_failure(exc: BaseException, *, rank: int, debug: bool) -> int:
+def report_failure(exc: BaseException, *, rank: int, debug: bool, usage_wait_s: float = _USAGE_GRACE_S) -> int:
     """Prints ``exc`` as one line (and its traceback with ``debug``) and returns the exit status.
 
     Args:
         exc: The exception that ended the run.
         rank: This process's rank.
         debug: Also print the traceback.
+        usage_wait_s: How long a rank other than 0 waits before it exits on a usage error (see ``_USAGE_GRACE_S``).
 
     Returns:
         2 for a usage or input error, 1 otherwise.
@@ -71,7 +72,8 @@ def report_failure(exc: BaseException, *, rank: int, debug: bool) -> int:
             traceback.print_exception(exc, file=sys.stderr)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-    _write_torchrun_error_file(line)
     if usage and rank != 0:
-        time.sleep(_USAGE_GRACE_S)
+        # Before the error file too: torchrun names as root cause the failure with the earliest error-file time.
+        time.sleep(usage_wait_s)
+    _write_torchrun_error_file(line)
     return USAGE_STATUS if usage else FAULT_STATUS
