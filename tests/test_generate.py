@@ -158,8 +158,8 @@ def test_generate_a_pipeline_on_two_ranks_matches_one_device(tiny_sd: Path, tmp_
 
 
 def test_vae_option_default_and_refusals(tiny_sd: Path, tmp_path: Path) -> None:
-    """--vae defaults to parallel (and --help says so); it is refused where it would have no effect: the tiny
-    model has no VAE, and --prompts always decodes in parallel."""
+    """--vae defaults to parallel (and --help says so), for one image and for --prompts; it is refused where it
+    would have no effect: the tiny model has no VAE."""
     from pcpp import VAEPlacement
     from pcpp.cli.options import UsageError, build_parser, parse_options
 
@@ -173,8 +173,26 @@ def test_vae_option_default_and_refusals(tiny_sd: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     batch = [*model, "--prompts", str(prompts), "--out-dir", str(tmp_path / "images")]
-    with pytest.raises(UsageError, match="--vae whole applies to one image; --prompts always decodes in parallel"):
-        parse_options([*batch, "--vae", "whole"], rank=0, world=2)
+    assert parse_options([*batch, "--vae", "whole"], rank=0, world=2).vae is VAEPlacement.WHOLE
     assert parse_options([*batch, "--vae", "parallel"], rank=0, world=2).vae is VAEPlacement.PARALLEL
     with pytest.raises(UsageError, match="invalid choice: 'tiled'"):
         parse_options([*model, "--vae", "tiled", *out], rank=0, world=2)
+
+
+@pytest.mark.parametrize("vae", ["parallel", "whole"])
+def test_prompts_backend_places_the_vae_as_asked(tiny_sd: Path, vae: str) -> None:
+    """``--prompts`` builds its pipeline backend with ``--vae``: the VAE is converted only for ``parallel``."""
+    from diffusers import DiffusionPipeline
+
+    import pcpp
+    from pcpp.batch import pipeline_backend
+    from pcpp.comm import LocalCommunicator
+
+    placement = pcpp.VAEPlacement(vae)
+    backend = pipeline_backend(lambda device: DiffusionPipeline.from_pretrained(tiny_sd).to(device), placement)(
+        torch.device("cpu")
+    )
+    backend.parallelize(LocalCommunicator(), pcpp.PCPPConfig(exact=True))
+    pipe = backend.pipe  # type: ignore[attr-defined]
+    assert pcpp.is_converted(pipe.unet)
+    assert pcpp.is_converted(pipe.vae) == (placement is pcpp.VAEPlacement.PARALLEL)

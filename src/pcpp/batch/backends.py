@@ -112,10 +112,12 @@ class PipelineBackend:
     """
 
     pipe: Any
+    vae: VAEPlacement = VAEPlacement.PARALLEL
+    """Where the VAE runs (see :class:`pcpp.VAEPlacement`)."""
 
     def parallelize(self, comm: Any, config: PCPPConfig) -> None:
         """See :func:`parallelize_pipeline`."""
-        parallelize_pipeline(self.pipe, comm, config)
+        parallelize_pipeline(self.pipe, comm, config, self.vae)
 
     def generate(self, record: PromptRecord) -> Tensor:
         """One image of the pipeline for ``record``."""
@@ -137,12 +139,15 @@ class PipelineBackend:
         return f"{type(self.pipe).__name__}({source})" if source else type(self.pipe).__name__
 
 
-def pipeline_backend(factory: Callable[[torch.device], Any]) -> BackendFactory:
+def pipeline_backend(
+    factory: Callable[[torch.device], Any], vae: VAEPlacement = VAEPlacement.PARALLEL
+) -> BackendFactory:
     """A backend factory from a pipeline factory ``(device) -> pipeline``.
 
     Args:
         factory: builds the pipeline on the device, e.g.
             ``lambda device: StableDiffusionPipeline.from_pretrained(ID, torch_dtype=torch.float16).to(device)``.
+        vae: where the VAE runs (see :class:`pcpp.VAEPlacement`).
 
     Returns:
         The factory (for :class:`~pcpp.lightning.DiffusionModule`); it also turns the pipeline's progress bar off.
@@ -152,6 +157,6 @@ def pipeline_backend(factory: Callable[[torch.device], Any]) -> BackendFactory:
         pipe = factory(device)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        return PipelineBackend(pipe)
+        return PipelineBackend(pipe, vae)
 
     return build

@@ -96,7 +96,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
         default=None,
         help="where a pipeline's VAE decodes: 'parallel', each process its strip (exact; about 1/N of the "
         "activations each), or 'whole', every process the whole image, as on one device. Not for --model tiny "
-        f"(no VAE); --prompts decodes in parallel (default: {VAEPlacement.PARALLEL.value})",
+        f"(no VAE) (default: {VAEPlacement.PARALLEL.value})",
     )
     add("--out", default=None, help=f"where rank 0 saves the image, PNG (default: {DEFAULT_OUT}; not with --prompts)")
     add(
@@ -253,13 +253,11 @@ def _check_numbers(ns: argparse.Namespace) -> None:
 
 
 def _check_vae(ns: argparse.Namespace) -> None:
-    """``--vae`` places a pipeline's VAE for one image: refused where it would have no effect."""
+    """``--vae`` places a pipeline's VAE (one image or ``--prompts``): refused where it would have no effect."""
     if ns.vae is None:
         return
     if ns.model == "tiny":
         raise UsageError(f"--vae {ns.vae}: the tiny model draws pixels directly and has no VAE; drop --vae")
-    if ns.prompts is not None and ns.vae != VAEPlacement.PARALLEL.value:
-        raise UsageError(f"--vae {ns.vae} applies to one image; --prompts always decodes in parallel")
 
 
 def _check_model(model: str) -> None:
@@ -350,7 +348,7 @@ def parse_options(argv: list[str] | None, *, rank: int, world: int) -> GenerateO
             (tiny model) the prompt has a word the model does not know, ``--group-size`` does not divide the world,
             or the ``--prompts`` file cannot be read or has no line that can be made (a malformed line alone is
             skipped and listed in ``prompts.skipped``), or ``--vae`` is given where it has no effect (the tiny
-            model; ``whole`` with ``--prompts``); the message is one line.
+            model); the message is one line.
     """
     ns = build_parser(quiet=rank != 0).parse_args(argv)
     _check_modes(ns)

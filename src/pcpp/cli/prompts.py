@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pcpp import PCPPConfig
 from pcpp.batch import (
     DATA_PARALLEL,
     TENSOR_PARALLEL,
@@ -46,7 +45,7 @@ from pcpp.batch import (
     tiny_backend,
 )
 
-from .job import init_distributed, load_pipeline, settings_text
+from .job import init_distributed, load_pipeline, pcpp_config, settings_text
 from .options import GenerateOptions, UsageError
 
 __all__ = ["run_prompts"]
@@ -73,7 +72,7 @@ def _check_same_records(records: tuple[PromptRecord, ...], device: torch.device)
 def _backend(options: GenerateOptions, device: torch.device) -> DiffusionBackend:
     if options.model == "tiny":
         return tiny_backend(device)
-    return pipeline_backend(lambda d: load_pipeline(options.model, d))(device)
+    return pipeline_backend(lambda d: load_pipeline(options.model, d), options.vae)(device)
 
 
 def _comm(options: GenerateOptions, device: torch.device, groups: int) -> Any:
@@ -97,14 +96,7 @@ def _make(
     if not share:
         return 0
     backend = _backend(options, device)
-    config = PCPPConfig(
-        partial=options.partial,
-        warmup_steps=options.warmup_steps,
-        conditioning=options.conditioning,
-        exact=options.exact,
-        timeout=timedelta(seconds=options.timeout_s),
-    )
-    backend.parallelize(comm, config)
+    backend.parallelize(comm, pcpp_config(options))
     # tqdm's own rule (disable=None) shows the bar only when stderr is a terminal; only the world's first rank.
     bar = tqdm(total=len(share), unit="img", desc=f"group 1 of {groups}", disable=None if options.rank == 0 else True)
     start = time.perf_counter()
