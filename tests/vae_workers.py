@@ -168,3 +168,22 @@ def compiled_decode(rank: int, world: int, height: int, width: int, target: str)
         "breaks": sum(counters["graph_break"].values()),
         "break_reasons": sorted(counters["graph_break"]),
     }
+
+
+def sdxl_fp16_image(rank: int | None = None, world: int | None = None) -> Tensor:
+    """One image of the tiny SDXL-style pipeline in float16, whose VAE has ``force_upcast`` (diffusers' SDXL default):
+    the pipeline casts the VAE to float32 for the decode and back. Parallelised (exact) when called with a rank."""
+    import tempfile
+    from pathlib import Path
+
+    import pcpp
+    from pipeline_parts import Family, Spec, build_pipeline, call_kwargs
+
+    spec = Spec(Family.SDXL)
+    pipe = build_pipeline(spec, Path(tempfile.mkdtemp())).to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    if rank is not None:
+        pcpp.parallelize(pipe, exact=True)
+    images: Tensor = pipe(**{**call_kwargs(spec), "output_type": "pt"}).images
+    assert pipe.vae.dtype == torch.float16  # cast back after the decode, converted or not
+    return images.float()
