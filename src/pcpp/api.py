@@ -57,12 +57,6 @@ def _supported_unet_types() -> tuple[type, ...]:
     return (UNet2DConditionModel, UNet2DModel)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def _convert_vae(vae: M, comm: CommLike, timeout: timedelta, fused_norm: bool, given: dict[str, Any]) -> M:
     """:func:`convert` for an ``AutoencoderKL``: exact, so the step-schedule options are refused if changed."""
     defaults = {name: p.default for name, p in inspect.signature(convert).parameters.items()}
@@ -171,7 +165,7 @@ def convert(
     originals: list[tuple[str, nn.Module]] = []
     for replacement in plan:
         original = unet.get_submodule(replacement.name)
-        _set_submodule(unet, replacement.name, replacement.build(original, context))
+        unet.set_submodule(replacement.name, replacement.build(original, context))
         originals.append((replacement.name, original))
     hooks = UNetHooks(unet, context, groups)
     setattr(unet, _ATTR, _Conversion(context, groups, hooks, originals))
@@ -304,6 +298,6 @@ def revert(unet: M) -> M:
     conversion.context.drain()
     conversion.hooks.remove()
     for name, original in reversed(conversion.originals):
-        _set_submodule(unet, name, original)
+        unet.set_submodule(name, original)
     delattr(unet, _ATTR)
     return unet

@@ -174,11 +174,6 @@ class ControlNetConversion:
         return (self.context, self.embedding)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def _plans(controlnet: nn.Module) -> tuple[list[Replacement], list[Replacement]]:
     """The body's and the embedding's replacements (names qualified from ``controlnet``), audited together."""
     body = [r for r in plan_conversion(controlnet) if not r.name.startswith(_EMBEDDING + ".")]
@@ -225,7 +220,7 @@ def convert_controlnet(controlnet: Any, *, config: PCPPConfig, comm: CommLike = 
     for plan, ctx in ((body_plan, context), (embedding_plan, embedding)):  # planned and audited: cannot fail
         for replacement in plan:
             original = controlnet.get_submodule(replacement.name)
-            _set_submodule(controlnet, replacement.name, replacement.build(original, ctx))
+            controlnet.set_submodule(replacement.name, replacement.build(original, ctx))
             originals.append((replacement.name, original))
     hooks = _ControlNetHooks(controlnet, context, embedding, groups, factor)
     setattr(controlnet, _ATTR, ControlNetConversion(context, embedding, groups, hooks, originals))
@@ -259,6 +254,6 @@ def revert_controlnet(controlnet: Any) -> Any:
         ctx.drain()
     conversion.hooks.remove()
     for name, original in reversed(conversion.originals):
-        _set_submodule(controlnet, name, original)
+        controlnet.set_submodule(name, original)
     delattr(controlnet, _ATTR)
     return controlnet

@@ -50,11 +50,6 @@ def is_vae(model: Any) -> bool:
     return isinstance(model, AutoencoderKL)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 class _Half:
     """One converted half of the VAE (``encoder`` or ``decoder``): its context, its replaced modules, its hooks.
 
@@ -85,7 +80,7 @@ class _Half:
         module: nn.Module = getattr(self.vae, self.name)
         for replacement in self.plan:
             original = module.get_submodule(replacement.name)
-            _set_submodule(module, replacement.name, replacement.build(original, self.context))
+            module.set_submodule(replacement.name, replacement.build(original, self.context))
             self.originals.append((replacement.name, original))
         self.handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -99,7 +94,7 @@ class _Half:
             handle.remove()
         module: nn.Module = getattr(self.vae, self.name)
         for name, original in reversed(self.originals):
-            _set_submodule(module, name, original)
+            module.set_submodule(name, original)
 
     # Host bookkeeping (the new image, the strip geometry, logging) and the output gather (an asynchronous
     # all-gather and a host-side wait) stay out of compiled graphs, as the UNet's hooks (pcpp.hooks): traced, each
