@@ -192,22 +192,31 @@ def _own(t: Tensor, ctx: pcpp.PatchContext, dim: int = 2) -> Tensor:
     return t.narrow(dim, start, geo.rows[ctx.patch.rank])
 
 
+def _three_steps(
+    ctx: pcpp.PatchContext, layer: torch.nn.Module, shape: tuple[int, int, int, int]
+) -> tuple[list[Tensor], list[Tensor], tuple[int, ...]]:
+    """Three whole frames of ``shape`` (seeded), each one step of ``layer`` on this rank's rows: the frames, the
+    layer's outputs and every strip's rows."""
+    gen = torch.Generator().manual_seed(1)
+    frames = [torch.randn(*shape, generator=gen) for _ in range(3)]
+    outs = []
+    for x in frames:
+        ctx.begin_step(shape[2], shape[3], None)
+        outs.append(layer(_own(x, ctx)))
+        ctx.end_step()
+    geo = ctx.geometry
+    assert geo is not None
+    return frames, outs, geo.rows
+
+
 def conv_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
     """A 3x3 conv over steps a (sync), b, c (async): step b's halo is a's rows, step c's is b's."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, 3, padding=1)
     ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 6)
     layer = pcpp.layers.PartialPatchConv2d.from_conv(conv, ctx, name="conv")
-    gen = torch.Generator().manual_seed(1)
-    frames = [torch.randn(2, 3, height, 6, generator=gen) for _ in range(3)]
-    outs = []
-    for x in frames:
-        ctx.begin_step(height, 6, None)
-        outs.append(layer(_own(x, ctx)))
-        ctx.end_step()
-    geo = ctx.geometry
-    assert geo is not None
-    return {"outs": outs, "frames": frames, "rows": geo.rows, "weight": conv.weight, "bias": conv.bias}
+    frames, outs, rows = _three_steps(ctx, layer, (2, 3, height, 6))
+    return {"outs": outs, "frames": frames, "rows": rows, "weight": conv.weight, "bias": conv.bias}
 
 
 def attention_staleness(rank: int, world: int, height: int, partial: float, full: bool) -> dict[str, Any]:
@@ -286,17 +295,9 @@ def shift_staleness(rank: int, world: int, height: int) -> dict[str, Any]:
     """:class:`ShiftDown` over steps a (sync), b, c (async)."""
     ctx = _layer_context(pcpp.PCPPConfig(warmup_steps=1), height, 3)
     layer = ShiftDown(ctx)
-    gen = torch.Generator().manual_seed(1)
-    frames = [torch.randn(1, 2, height, 3, generator=gen) for _ in range(3)]
-    outs = []
-    for x in frames:
-        ctx.begin_step(height, 3, None)
-        outs.append(layer(_own(x, ctx)))
-        ctx.end_step()
-    geo = ctx.geometry
-    assert geo is not None
+    frames, outs, rows = _three_steps(ctx, layer, (1, 2, height, 3))
     sent = [s.by_kind[pcpp.LayerKind.CONV].sent for s in ctx.stats.steps]
-    return {"outs": outs, "frames": frames, "rows": geo.rows, "sent": sent}
+    return {"outs": outs, "frames": frames, "rows": rows, "sent": sent}
 
 
 def two_modes(rank: int, world: int, first: Case, second: Case) -> dict[str, Any]:

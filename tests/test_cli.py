@@ -11,7 +11,6 @@ importing torch and diffusers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from commands import command_env
 
 # (case id, arguments after `generate`, a phrase the one line must contain). "{tmp}" is a fresh folder per run;
 # "{file}" is an existing regular file in it.
@@ -61,10 +62,7 @@ class Outcome:
 
 
 def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    return env
+    return command_env(PYTHONWARNINGS="ignore")
 
 
 def _run(folder: Path, command: list[str]) -> Outcome:

@@ -9,8 +9,6 @@ on the same strips. Both are quantised to 8 bits the same way, so they must be e
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from commands import ROOT, command_env, free_port, pixels
+
 pytest.importorskip("lightning")
 
 from pcpp.errors import ConversionError  # noqa: E402
 from pcpp.lightning import GroupLayout, ImageFolder, OutputError, PromptRecord, quantize, read_metadata  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "lightning_workers.py"
 # 5 steps with pcpp's default 4 warmup steps: the last step is asynchronous, so the stale-activation path runs too.
 SIZE, STEPS = 32, 5
@@ -37,26 +36,7 @@ RECORDS = [
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    env["MASTER_ADDR"] = "127.0.0.1"
-    env["MASTER_PORT"] = str(free_port())
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    return command_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def launch(

@@ -8,8 +8,6 @@ image does not depend on it, and whichever is rank 0 writes ``--out``.)
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,43 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from commands import command_env, free_port, pixels
+
 GENERATE = ["-m", "pcpp", "generate", "--prompt", "a red circle on a blue background", "--seed", "7"]
 GENERATE += ["--height", "32", "--width", "32", "--steps", "5", "--no-reference"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's sockets on loopback only
-    return env
-
-
-def _pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 @pytest.mark.slow
 def test_two_torchrun_agents_over_loopback_equal_one_agent(tmp_path: Path) -> None:
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     single = tmp_path / "single.png"
-    one_agent = [*torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    one_agent = [*torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     subprocess.run(
-        [*one_agent, *GENERATE, "--out", str(single)], env=_env(), check=True, capture_output=True, timeout=300
+        [*one_agent, *GENERATE, "--out", str(single)], env=command_env(), check=True, capture_output=True, timeout=300
     )
 
     multi = tmp_path / "two-agents.png"
-    port = _free_port()
+    port = free_port()
     agents: list[subprocess.Popen[bytes]] = []
     for node in (0, 1):
         command = [*torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
@@ -63,7 +41,7 @@ def test_two_torchrun_agents_over_loopback_equal_one_agent(tmp_path: Path) -> No
         log = (tmp_path / f"agent{node}.log").open("w")
         agents.append(
             subprocess.Popen(
-                [*command, *GENERATE, "--out", str(multi)], env=_env(), stdout=log, stderr=subprocess.STDOUT
+                [*command, *GENERATE, "--out", str(multi)], env=command_env(), stdout=log, stderr=subprocess.STDOUT
             )
         )
     try:
@@ -75,4 +53,4 @@ def test_two_torchrun_agents_over_loopback_equal_one_agent(tmp_path: Path) -> No
     logs = "\n".join((tmp_path / f"agent{node}.log").read_text() for node in (0, 1))
     assert codes == [0, 0], logs
     assert "2 process(es)" in logs
-    np.testing.assert_array_equal(_pixels(multi), _pixels(single))
+    np.testing.assert_array_equal(pixels(multi), pixels(single))

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+from commands import command_env, free_port, pixels
 from pcpp.batch import ImageFolder, PromptRecord, RecordDefaults, read_metadata, read_prompt_file
 from pcpp.cli import generate_main
 from pcpp.models.imageio import read_png_text, save_png
 
-ROOT = Path(__file__).resolve().parents[1]
 # 5 steps with pcpp's default 4 warmup steps: the last step is asynchronous, so the stale-activation path runs too.
 SIZE, STEPS = 32, 5
 SMALL = ["--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS)]
@@ -39,27 +38,6 @@ def _strict_json(text: str) -> Any:
         raise ValueError(f"not strict JSON: {name}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"  # several processes on few cores: one thread each, or they fight for them
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    return env
 
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
@@ -259,7 +237,9 @@ def test_two_groups_of_two_make_each_image_once_equal_to_pcpp_generate(tmp_path:
         "--report",
         str(report),
     ]
-    subprocess.run(_torchrun(4, [*args, *SMALL]), env=_env(), check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        _torchrun(4, [*args, *SMALL]), env=command_env(), check=True, capture_output=True, text=True, timeout=300
+    )
     summary = _strict_json(report.read_text())
     assert (summary["groups"], summary["made"], summary["skipped"], summary["failed_lines"]) == (2, 3, 0, [])
     files = sorted(out.iterdir())
@@ -279,7 +259,7 @@ def test_two_groups_of_two_make_each_image_once_equal_to_pcpp_generate(tmp_path:
         single = tmp_path / f"single-{seed}.png"
         one = ["--prompt", prompt, "--seed", str(seed), "--no-reference", "--out", str(single), *SMALL]
         one += ["--guidance", str(guidance)] if guidance is not None else []
-        subprocess.run(_torchrun(2, one), env=_env(), check=True, capture_output=True, text=True, timeout=300)
+        subprocess.run(_torchrun(2, one), env=command_env(), check=True, capture_output=True, text=True, timeout=300)
         np.testing.assert_array_equal(pixels(png), pixels(single), err_msg=prompt)
 
 
@@ -322,7 +302,11 @@ def test_resume_after_a_kill_redoes_and_loses_nothing(tmp_path: Path) -> None:
     args = ["--prompts", str(prompts), "--out-dir", str(out), "--group-size", "2", "--height", "32", "--width", "32"]
     args += ["--steps", "12"]
     run = subprocess.Popen(
-        _torchrun(4, args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        _torchrun(4, args),
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
@@ -340,7 +324,7 @@ def test_resume_after_a_kill_redoes_and_loses_nothing(tmp_path: Path) -> None:
     assert 0 < len(before) < 8, f"killed with {len(before)} of 8 images: not midway"
 
     subprocess.run(
-        _torchrun(4, [*args, "--report", str(report)]), env=_env(), check=True, capture_output=True, timeout=300
+        _torchrun(4, [*args, "--report", str(report)]), env=command_env(), check=True, capture_output=True, timeout=300
     )
     after = _pngs(out)
     assert len(after) == 8  # nothing lost
@@ -358,7 +342,7 @@ def test_the_command_line_and_pcpp_batch_need_no_lightning() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], env=command_env(), check=True, timeout=120)
     lightning = pytest.importorskip("lightning")
     assert lightning is not None
     import pcpp.batch

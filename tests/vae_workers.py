@@ -48,9 +48,8 @@ def _largest_outputs(module: nn.Module) -> tuple[list[int], list[Any]]:
     return largest, handles
 
 
-def decode(rank: int, world: int, heights: list[int], width: int, slicing: bool = False) -> dict[str, Any]:
-    """Every rank decodes latents of each height with the converted VAE; also the largest activation."""
-    vae = pcpp.convert(build_vae())
+def _decodes(vae: AutoencoderKL, heights: list[int], width: int, slicing: bool) -> dict[str, Any]:
+    """``vae`` decodes latents of each height; the images and the decoder's largest activation of each."""
     if slicing:
         vae.enable_slicing()
     out: dict[str, Any] = {"images": [], "largest": []}
@@ -62,22 +61,16 @@ def decode(rank: int, world: int, heights: list[int], width: int, slicing: bool 
                 handle.remove()
             out["largest"].append(largest[0])
     return out
+
+
+def decode(rank: int, world: int, heights: list[int], width: int, slicing: bool = False) -> dict[str, Any]:
+    """Every rank decodes latents of each height with the converted VAE; also the largest activation."""
+    return _decodes(pcpp.convert(build_vae()), heights, width, slicing)
 
 
 def decode_reference(heights: list[int], width: int, slicing: bool = False) -> dict[str, Any]:
     """The same decodes on one device, unconverted."""
-    vae = build_vae()
-    if slicing:
-        vae.enable_slicing()
-    out: dict[str, Any] = {"images": [], "largest": []}
-    with torch.no_grad():
-        for height in heights:
-            largest, handles = _largest_outputs(vae.decoder)
-            out["images"].append(vae.decode(latent(height, width, batch=2 if slicing else 1)).sample)
-            for handle in handles:
-                handle.remove()
-            out["largest"].append(largest[0])
-    return out
+    return _decodes(build_vae(), heights, width, slicing)
 
 
 def encode(rank: int, world: int, height: int, width: int) -> Tensor:
